@@ -1,0 +1,58 @@
+"""The Prometheus endpoint and /healthz of a running daemon."""
+import time
+import urllib.error
+import urllib.request
+
+from support.daemon import write_config
+from support.publish import Publisher, telemetry
+from support.waits import wait_rows, wait_until
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_scrape_and_healthz_flips_to_503_when_the_broker_stops(host, broker, sqlite_db, tmp_path):
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), sqlite_db, "--metrics-port", "0")
+    st = d.wait_for(lambda s: s.get("connected") and s.get("canary_at") and s.get("metrics_port"), what="canary")
+    port = st["metrics_port"]
+    pub = Publisher(broker.port)
+    for i in range(20):
+        pub.send(f"ble/dev-{i % 2}/telemetry", telemetry(i))
+    pub.send("ble/dev-0/telemetry", b"not json")
+    pub.wait_acked(21)
+    pub.close()
+    wait_rows(sqlite_db, 20)
+    d.wait_for(lambda s: s["handled"] >= 21, what="handled")
+    time.sleep(0.6)
+    code, text = _get(port, "/metrics")
+    assert code == 200
+    for series in ("mqttd_messages_handled_total", "mqttd_connected", "mqttd_canary_age_seconds",
+                   "mqttd_dead_letters_total", "mqttd_backlog", "mqttd_ack_latency_seconds", "mqttd_healthy"):
+        assert f"\n{series}{{" in text, series
+    assert 'mqttd_messages_handled_total{instance="",project="bnp"} 21.0' in text
+    assert 'mqttd_dead_letters_total{instance="",project="bnp"} 1.0' in text
+    assert 'mqttd_connected{instance="",project="bnp"} 1.0' in text
+    assert _get(port, "/healthz") == (200, "ok\n")
+
+    broker.stop()
+    code, reason = wait_until(lambda: (r := _get(port, "/healthz"))[0] == 503 and r, 60, "healthz 503")
+    assert "broker disconnected" in reason
+    assert 'mqttd_connected{instance="",project="bnp"} 0.0' in _get(port, "/metrics")[1]
+    broker.start()
+    wait_until(lambda: _get(port, "/healthz")[0] == 200, 60, "healthy again")
+    assert d.stop() == 0
+
+
+def test_the_metrics_endpoint_binds_to_loopback_by_default(host, broker, sqlite_db, tmp_path):
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), sqlite_db, "--metrics-port", "0")
+    st = d.wait_for(lambda s: s.get("metrics_port"), what="metrics port")
+    port = st["metrics_port"]
+    listening = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    local = [row[1] for row in listening if row[3] == "0A" and int(row[1].split(":")[1], 16) == port]
+    assert local == ["0100007F:%04X" % port]          # 127.0.0.1 only
+    assert d.stop() == 0

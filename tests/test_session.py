@@ -1,0 +1,173 @@
+"""The MQTT session: 3.1.1 persistence, MQTT 5 dedupe property, credentials, removed filters, takeover."""
+import subprocess
+import time
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from support.broker import Broker
+from support.daemon import write_config
+from support.publish import Publisher, telemetry
+from support.waits import wait_rows, wait_until
+
+
+def test_mqtt_311_persistent_session_keeps_messages_while_the_daemon_is_down(host, broker, sqlite_db, tmp_path):
+    cfg = write_config(tmp_path / "c.toml", broker.port, protocol="3.1.1")
+    d = host.start("bnp", cfg, sqlite_db)
+    d.wait_connected()
+    assert d.stop() == 0
+    pub = Publisher(broker.port)
+    for i in range(100):
+        pub.send(f"ble/dev-{i % 3}/telemetry", telemetry(i))
+    pub.wait_acked(100)
+    pub.close()
+    d = host.start("bnp", cfg, sqlite_db)
+    wait_rows(sqlite_db, 100)
+    assert d.wait_connected()["session_gaps"] == 0
+    assert d.stop() == 0
+
+
+def test_mqtt5_dedupe_property_gives_one_row_per_message_id(host, broker, sqlite_db, tmp_path):
+    cfg = write_config(tmp_path / "c.toml", broker.port, extra='[dispatch]\ndedupe_property = "msg-id"\n')
+    d = host.start("bnp", cfg, sqlite_db)
+    d.wait_connected()
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    for i in range(10):
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("msg-id", f"m-{i}")
+        for _ in range(3):                                # every message sent three times
+            c.publish(f"ble/dev-{i}/telemetry", '{"seq": %d}' % i, qos=1, properties=props).wait_for_publish(5)
+    c.publish("ble/dev-x/telemetry", '{"seq": 99}', qos=1).wait_for_publish(5)     # no key: no dedupe
+    c.disconnect()
+    c.loop_stop()
+    st = d.wait_for(lambda s: s["handled"] >= 31, what="all handled")
+    assert sqlite_db.query("select count(*), count(distinct seq) from sensors_reading")[0] == (11, 11)
+    assert st["duplicates_skipped"] == 20
+    assert d.stop() == 0
+
+
+def _auth_broker(tmp_path, password: str) -> Broker:
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "tenant", password], check=True, capture_output=True)
+    pw.chmod(0o644)
+    b = Broker(tmp_path / "authbroker", extra=f"password_file {pw}")
+    b.write_conf()
+    b.conf_path.write_text(b.conf_path.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    return b
+
+
+def _start_raw(b: Broker) -> None:
+    from support.broker import wait_port
+
+    b.proc = subprocess.Popen(["mosquitto", "-c", str(b.conf_path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(b.port)
+
+
+def test_wrong_credentials_on_the_first_connect_exit_78_and_the_password_never_leaks(host, sqlite_db, tmp_path):
+    b = _auth_broker(tmp_path, "right-secret")
+    _start_raw(b)
+    try:
+        secret = tmp_path / "secret"
+        secret.write_text("wrong-secret-value\n")
+        cfg = write_config(tmp_path / "c.toml", b.port, broker_extra=f'username = "tenant"\npassword_file = "{secret}"')
+        d = host.start("bnp", cfg, sqlite_db)
+        assert d.wait_exit(20) == 78
+        err = d.proc.stderr.read()
+        assert "refused" in err and "password" in err and len(err.strip().splitlines()) == 1
+        assert "wrong-secret-value" not in err + d.log() + (host.run_dir / "bnp.status.json").read_text()
+        secret.write_text("right-secret\n")
+        d = host.start("bnp", cfg, sqlite_db)
+        d.wait_connected()
+        assert d.stop() == 0
+        assert "right-secret" not in d.log()
+    finally:
+        b.stop()
+
+
+def test_a_filter_removed_from_the_routes_is_unsubscribed_from_the_resumed_session(host, broker, sqlite_db, tmp_path):
+    extra = '[[subscribe]]\ntopic = "legacy/#"\nhandler = "mqttd.inbox"\n'
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port, extra=extra), sqlite_db)
+    assert "legacy/#" in d.wait_connected()["subscriptions"]
+    assert d.stop() == 0
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), sqlite_db)
+    d.wait_connected()
+    assert "unsubscribing filters no longer routed: legacy/#" in d.log()
+    pub = Publisher(broker.port)
+    pub.send("legacy/x", b"old")
+    pub.send("ble/dev-1/telemetry", telemetry(1))
+    pub.wait_acked(2)
+    pub.close()
+    wait_rows(sqlite_db, 1)
+    time.sleep(0.5)
+    st = d.status()
+    assert st["unrouted"] == 0          # the broker no longer delivers legacy/# to this session
+    assert sqlite_db.scalar("select count(*) from mqttd_inboxmessage") == 0
+    assert d.stop() == 0
+
+
+def test_two_hosts_fighting_over_one_client_id_stop_with_exit_73(host, broker, sqlite_db, tmp_path):
+    from support.daemon import Host
+
+    other = Host(tmp_path / "other-host")       # a second host: its own run dir, so no shared lock
+    cfg = write_config(tmp_path / "c.toml", broker.port, broker_extra='client_id = "shared-id"')
+    a = host.start("bnp", cfg, sqlite_db)
+    a.wait_connected()
+    b = other.start("bnp", cfg, sqlite_db)
+    try:
+        codes = wait_until(lambda: [p.proc.poll() for p in (a, b) if p.proc.poll() is not None], 60, "one gives up")
+        assert 73 in codes
+        loser = a if a.proc.poll() == 73 else b
+        assert "another client is using the same client id" in loser.log()
+        assert "shared-id" in loser.log()
+    finally:
+        other.reap()
+
+
+def test_a_frozen_broker_is_detected_by_keepalive_and_nothing_is_lost(host, broker, sqlite_db, tmp_path):
+    import os
+    import signal
+
+    cfg = write_config(tmp_path / "c.toml", broker.port, keepalive=5)
+    d = host.start("bnp", cfg, sqlite_db)
+    d.wait_connected()
+    pub = Publisher(broker.port)
+    for i in range(50):
+        pub.send(f"ble/dev-{i % 5}/telemetry", telemetry(i))
+    pub.wait_acked(50)
+    os.kill(broker.proc.pid, signal.SIGSTOP)        # TCP stays open, nothing answers, not even PINGRESP
+    try:
+        st = d.wait_for(lambda s: not s["connected"], timeout=30, what="keepalive noticed the frozen broker")
+        assert d.proc.poll() is None
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    for i in range(50, 100):
+        pub.send(f"ble/dev-{i % 5}/telemetry", telemetry(i))
+    pub.wait_acked(100)
+    pub.close()
+    wait_rows(sqlite_db, 100, what="count(distinct seq)", timeout=60)
+    assert d.wait_connected()["reconnects"] >= 1
+    assert d.stop() == 0
+
+
+def test_a_second_sigterm_exits_at_once_even_with_a_hung_handler(host, broker, sqlite_db, tmp_path):
+    import signal
+
+    cfg = write_config(tmp_path / "c.toml", broker.port, extra="[dispatch]\nhandler_timeout = 600\n")
+    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_HANG": "1"})
+    d.wait_connected()
+    pub = Publisher(broker.port)
+    pub.send("hang/x", telemetry(1, hang=True))
+    pub.wait_acked(1)
+    pub.close()
+    d.wait_for(lambda s: s["backlog"] >= 1, what="the hung batch in hand")
+    d.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    code = d.wait_exit(5)
+    assert code == 128 + signal.SIGTERM and time.monotonic() - t0 < 2
