@@ -83,7 +83,7 @@ class Daemon:
         self.session = Session(config.broker, client_id, self.router.subscriptions(), self._deliver,
                                self._backlog, d.max_backlog, identity.status_topic,
                                identity.subscriptions_path, receive_maximum=receive_max, takeover_rounds=3,
-                               owner_topic=identity.owner_topic)
+                               owner_topic=identity.owner_topic(client_id))
         self.metrics = None
         if config.status.metrics_port is not None:
             from .metrics import MetricsServer

@@ -94,10 +94,12 @@ class Identity:
     def canary_topic(self) -> str:
         return f"mqttd/{self.name}/canary"
 
-    @property
-    def owner_topic(self) -> str:
-        """Retained ``host:pid:start`` of the process using this name: evidence of a twin."""
-        return f"mqttd/{self.name}/owner"
+    def owner_topic(self, client_id: str) -> str:
+        """Retained ``host:pid:start`` of the process using ``client_id``: evidence of a twin.
+
+        Per client id, not per name: the same project on several hosts (SPEC §8) has one name
+        and several client ids, and those are not twins."""
+        return f"mqttd/{self.name}/owner/{re.sub(r'[^A-Za-z0-9_.-]', '_', client_id)}"
 
 
 def resolve_project(arg: str | None, env: Mapping[str, str]) -> str:

@@ -6,6 +6,7 @@ One line per instance of every inventory project: what Supervisor and the health
 - STOPPED is an operator's decision: reported, never touched. STARTING / STOPPING: left to Supervisor.
 - A lock held by a process Supervisor did not start (a run by hand, a ``--daemonize`` copy) is
   named (pid, command line) and left alone, as broken: killing it is the operator's call.
+- EXITED with 73 (it gave up a client-id fight with another process): named, left alone.
 - FATAL or EXITED: startProcess. BACKOFF: stopProcess, then startProcess. RUNNING but unhealthy
   (stale status file, stale canary, disconnected too long, database down ...): stopProcess, then
   startProcess. Then wait up to SETTLE_S for the new process to be healthy *and* to have made a
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import lock, status
-from .errors import EXIT_OK, EXIT_UNHEALTHY, SupervisorError
+from .errors import EXIT_OK, EXIT_TAKEOVER, EXIT_UNHEALTHY, SupervisorError
 from .identity import Identity
 from .inventory import Project, load_inventory
 from .supervisor_rpc import Supervisor
@@ -116,6 +117,10 @@ def _recover(project: Project, ident: Identity, name: str, sv: Supervisor, histo
         if v.healthy:
             return Outcome(f"{label}: RUNNING, healthy (pid {pid})", False)
         found, steps = f"RUNNING (pid {pid}) but UNHEALTHY: {v.reason}", ("stop", "start")
+    elif state == "EXITED" and info.get("exitstatus") == EXIT_TAKEOVER:
+        return Outcome(f"{label}: EXITED 73: it stopped because another process uses its client id "
+                       f"(see {ident.log_file}): left alone; give each copy its own client id, then "
+                       f"`supervisorctl start {name}`", True)
     elif state in RESTARTABLE:
         found = state + (f" ({info['description']})" if info.get("description") else "")
         steps = ("stop", "start") if state == "BACKOFF" else ("start",)

@@ -113,10 +113,12 @@ def render(p: Project, inventory: Path, log_root: Path | None = None) -> str:
             "process_name=%(program_name)s-%(process_num)d",
         ]
     lines += [
-        "; mqttd retries the broker and the database itself and never exits for an outage, so any",
-        "; exit (crash, watchdog, session takeover) is worth a restart.",
+        "; mqttd retries the broker and the database itself and never exits for an outage, so an",
+        "; exit (crash, watchdog: 70) is worth a restart; except 73: it stopped because another",
+        "; process uses its client id, and restarting it would only resume the fight.",
         "autostart=true",
-        "autorestart=true",
+        "autorestart=unexpected",
+        "exitcodes=0,73",
         f"; RUNNING after {START_SECS} s up. Only a real start-up failure (config error: exit 78, lock",
         "; held: exit 75) counts as a failed start; the retries ride out a slow boot before FATAL.",
         f"startsecs={START_SECS}",

@@ -95,8 +95,9 @@ class Session:
         # Takeover evidence: our retained owner record on owner_topic, and someone else's
         # arriving after ours (a broker restart can never produce that; a twin always does).
         self._owner_topic = owner_topic
-        self._owner_payload = f"{socket.gethostname()}:{os.getpid()}:{time.time():.3f}"
-        self._owner_published = False
+        self._started_at = time.time()
+        self._owner_payload = f"{socket.gethostname()}:{os.getpid()}:{self._started_at:.3f}"
+        self._twin_is_older = False
         self.twin: str | None = None
         self._subscribe_mid: int | None = None
         self.v5 = broker.protocol == "5"
@@ -321,7 +322,6 @@ class Session:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         if self._owner_topic:
             client.publish(self._owner_topic, self._owner_payload, qos=1, retain=True)
-            self._owner_published = True
 
     def _subscribe(self, client: paho.Client) -> None:
         previous = self._read_subscriptions()
@@ -375,8 +375,9 @@ class Session:
             log.error("broker refused subscription %s", f)
 
     def _owner_record(self, payload: str) -> None:
-        if self._owner_published and payload and payload != self._owner_payload and payload != self.twin:
+        if payload and payload != self._owner_payload and payload != self.twin and _is_live_other(payload):
             self.twin = payload
+            self._twin_is_older = _started_at(payload) < self._started_at
             log.error("another process uses this name and client id %r: %s (host:pid:start)", self.client_id, payload)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -391,7 +392,10 @@ class Session:
             # connection that keeps dying within seconds of CONNACK is the only sign of a twin.
             lived = st.last_disconnected_at - (st.last_connected_at or 0)
             self._short_lived = self._short_lived + 1 if lived < 5 else 0
-            if self._takeover_rounds and self.twin and self._short_lived >= self._takeover_rounds:
+            # The newcomer yields: the copy that was there first waits twice as many rounds, so the
+            # fight ends with the misconfigured copy just started stopping, not the one in service.
+            rounds = self._takeover_rounds * (1 if self._twin_is_older else 2)
+            if self._takeover_rounds and self.twin and self._short_lived >= rounds:
                 self.fatal = TakeoverDetected(
                     f"client id {self.client_id!r} was disconnected {self._short_lived} times within seconds of "
                     f"connecting: another client is using the same client id ({self.twin}); "
@@ -410,6 +414,36 @@ class Session:
             topic = msg._topic.decode("utf-8", "replace")
         self._deliver(Message(topic, msg.payload, msg.qos, msg.retain, msg.mid, msg.dup, time.time(),
                               None, None, self.state.generation, getattr(msg, "properties", None)))
+
+
+def _started_at(record: str) -> float:
+    """The start time in an owner record (``host:pid:start``); 0 when it has none."""
+    try:
+        return float(record.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def _is_live_other(record: str) -> bool:
+    """Is this owner record (``host:pid:start``) another live process, i.e. twin evidence?
+
+    A record from another host always is. One from this host is only if its pid is alive: after
+    a SIGKILL the broker still holds the dead predecessor's record, which is not a twin (counting
+    it made a restarted daemon exit 73 when the broker then flapped)."""
+    host, _, rest = record.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, under another user
+        return True
+    return True
 
 
 @dataclass

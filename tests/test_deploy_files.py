@@ -173,7 +173,7 @@ def test_generated_entry_runs_mqttd_directly_and_holds_no_secret(site, tmp_path)
     assert text.startswith(supervisor_conf.MARKER)
     assert f"command={VENV}/bin/mqttd run\n" in text and "sh -c" not in text
     for line in ("numprocs=3", "process_name=%(program_name)s-%(process_num)d", "stopsignal=TERM",
-                 "stopwaitsecs=30", "stopasgroup=true", "killasgroup=true", "autorestart=true",
+                 "stopwaitsecs=30", "stopasgroup=true", "killasgroup=true", "autorestart=unexpected", "exitcodes=0,73",
                  f"stdout_logfile={site.host.log_dir}/bnp/supervisor-%(process_num)d.log"):
         assert f"\n{line}\n" in text, line
     assert 'MQTTD_INSTANCE="%(process_num)d"' in text

@@ -303,3 +303,34 @@ def test_the_event_listener_restarts_a_fatal_program_and_honours_the_brake(site,
     assert len(_restarts(site)) == 3
     sv.hold_state("bnp-mqtt", "FATAL", 1.5)
     assert sv.info("mqttd-recover")["statename"] == "RUNNING"
+
+
+def test_a_supervised_copy_that_loses_a_client_id_fight_stays_exited_73_and_recover_leaves_it(site, supervisord):
+    from support.daemon import Host
+
+    bnp = site.project("bnp")
+    cfg = Path(bnp["config"])
+    cfg.write_text(cfg.read_text().replace("[broker]\n", '[broker]\nclient_id = "shared-id"\n'))
+    _deploy(site, bnp)
+    conf = site.conf_dir / "bnp-mqtt.conf"
+    # startsecs=1: the fight ends after the start counts as successful, so it is Supervisor's
+    # autorestart (not a start retry) that must not resume it
+    conf.write_text(conf.read_text().replace(f"startsecs={supervisor_conf.START_SECS}\n", "startsecs=1\n"))
+    other = Host(site.root / "other-host")           # the misconfigured copy on "another host"
+    first = other.start("bnp", cfg, site.db)
+    try:
+        first.wait_connected()
+        sv = supervisord.start()
+        info = sv.wait_state("bnp-mqtt", "EXITED", timeout=60, never=("FATAL",))
+        assert info["exitstatus"] == 73, info
+        assert "stopping instead of fighting" not in first.log()
+        assert first.proc.poll() is None                            # the copy that was there first goes on
+        sv.hold_state("bnp-mqtt", "EXITED", 4)                      # no autorestart back into the fight
+
+        r = _recover(site, sv)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "bnp: EXITED 73: it stopped because another process uses its client id" in r.stdout, r.stdout
+        assert "left alone" in r.stdout and _restarts(site) == []
+        assert sv.info("bnp-mqtt")["statename"] == "EXITED"
+    finally:
+        other.reap()

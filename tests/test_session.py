@@ -110,7 +110,7 @@ def test_a_filter_removed_from_the_routes_is_unsubscribed_from_the_resumed_sessi
     assert d.stop() == 0
 
 
-def test_two_hosts_fighting_over_one_client_id_stop_with_exit_73(host, broker, sqlite_db, tmp_path):
+def test_two_hosts_fighting_over_one_client_id_end_with_the_newcomer_exiting_73(host, broker, sqlite_db, tmp_path):
     from support.daemon import Host
 
     other = Host(tmp_path / "other-host")       # a second host: its own run dir, so no shared lock
@@ -119,13 +119,30 @@ def test_two_hosts_fighting_over_one_client_id_stop_with_exit_73(host, broker, s
     a.wait_connected()
     b = other.start("bnp", cfg, sqlite_db)
     try:
-        codes = wait_until(lambda: [p.proc.poll() for p in (a, b) if p.proc.poll() is not None], 60, "one gives up")
-        assert 73 in codes
-        loser = a if a.proc.poll() == 73 else b
-        assert "another client is using the same client id" in loser.log()
-        assert "shared-id" in loser.log()
+        assert wait_until(lambda: b.proc.poll(), 60, "the newcomer gives up") == 73
+        assert "another client is using the same client id" in b.log()
+        assert "shared-id" in b.log()
+        assert a.proc.poll() is None                    # the copy that was there first goes on
+        a.wait_for(lambda s: s["connected"], 20, "the first copy connected again")
     finally:
         other.reap()
+
+
+def test_a_daemon_restarted_after_kill_9_is_no_twin_of_its_dead_predecessor(host, broker, sqlite_db, tmp_path):
+    # The broker keeps the killed daemon's retained owner record. A flapping broker then gives the
+    # new daemon short-lived connections: that must not look like a takeover fight (exit 73).
+    cfg = write_config(tmp_path / "c.toml", broker.port)
+    d = host.start("bnp", cfg, sqlite_db)
+    d.wait_connected()
+    d.kill()
+    d = host.start("bnp", cfg, sqlite_db)
+    d.wait_connected()
+    for round_ in range(1, 5):
+        broker.restart()
+        d.wait_for(lambda s, n=round_: s["connected"] and s["reconnects"] >= n, 30, f"reconnect {round_}")
+    assert d.proc.poll() is None
+    assert "another client is using the same client id" not in d.log()
+    assert d.stop() == 0
 
 
 def test_a_frozen_broker_is_detected_by_keepalive_and_nothing_is_lost(host, broker, sqlite_db, tmp_path):
