@@ -199,7 +199,16 @@ class Daemon:
         log.info("stopping: finishing the batch in hand")
         self.session.stop_reading()
         self.dispatcher.stop(timeout=STOP_BUDGET_S - 3)
-        left = len(self.intake)
+        stuck = self.dispatcher.thread.is_alive()
+        current = self.dispatcher.current
+        if stuck and current is not None:
+            msgs, route, since = current
+            # Not recorded as a hang: it has not reached handler_timeout (the watchdog would
+            # have), so it may just be slow; the next process runs it again.
+            log.warning("the batch in hand did not finish within %.0fs (handler %s running for %.1fs on %s): "
+                        "leaving it un-acked", STOP_BUDGET_S - 3, route.name, time.monotonic() - since,
+                        msgs[0].topic if msgs else "?")
+        left = len(self.intake) + (self.dispatcher.in_hand if stuck else 0)
         if left:
             log.info("%d received messages left un-acked; the broker delivers them again", left)
         self.session.stop(timeout=max(1.0, STOP_BUDGET_S - (time.monotonic() - t0)))
@@ -210,7 +219,10 @@ class Daemon:
             self.metrics.stop()
         self.state = "stopped"
         self.write_status()
-        log.info("stopped cleanly in %.2fs", time.monotonic() - t0)
+        if stuck:
+            log.warning("stopped in %.2fs, without finishing the batch in hand", time.monotonic() - t0)
+        else:
+            log.info("stopped cleanly in %.2fs", time.monotonic() - t0)
 
     def snapshot(self) -> dict[str, Any]:
         st, ss = self.stats, self.session.state
