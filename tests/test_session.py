@@ -171,10 +171,8 @@ def test_a_frozen_broker_is_detected_by_keepalive_and_nothing_is_lost(host, brok
     assert d.stop() == 0
 
 
-def test_sigterm_with_a_hung_handler_exits_0_in_time_and_leaves_the_message_for_the_next_run(
-        host, broker, sqlite_db, tmp_path):
-    import signal
-
+def _daemon_with_a_hung_handler(host, broker, sqlite_db, tmp_path):
+    """A daemon whose batch in hand is a handler call that hangs (well short of its time limit)."""
     cfg = write_config(tmp_path / "c.toml", broker.port, extra="[dispatch]\nhandler_timeout = 600\n")
     d = host.start("bnp", cfg, sqlite_db, env={"TENANT_HANG": "1"})
     d.wait_connected()
@@ -183,6 +181,14 @@ def test_sigterm_with_a_hung_handler_exits_0_in_time_and_leaves_the_message_for_
     pub.wait_acked(1)
     pub.close()
     d.wait_for(lambda s: s["backlog"] >= 1, what="the hung batch in hand")
+    return cfg, d
+
+
+def test_sigterm_with_a_hung_handler_exits_0_in_time_and_leaves_the_message_for_the_next_run(
+        host, broker, sqlite_db, tmp_path):
+    import signal
+
+    cfg, d = _daemon_with_a_hung_handler(host, broker, sqlite_db, tmp_path)
     t0 = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait_exit(15) == 0 and time.monotonic() - t0 < 10   # inside Supervisor's stopwaitsecs
@@ -197,14 +203,7 @@ def test_sigterm_with_a_hung_handler_exits_0_in_time_and_leaves_the_message_for_
 def test_a_second_sigterm_exits_at_once_even_with_a_hung_handler(host, broker, sqlite_db, tmp_path):
     import signal
 
-    cfg = write_config(tmp_path / "c.toml", broker.port, extra="[dispatch]\nhandler_timeout = 600\n")
-    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_HANG": "1"})
-    d.wait_connected()
-    pub = Publisher(broker.port)
-    pub.send("hang/x", telemetry(1, hang=True))
-    pub.wait_acked(1)
-    pub.close()
-    d.wait_for(lambda s: s["backlog"] >= 1, what="the hung batch in hand")
+    cfg, d = _daemon_with_a_hung_handler(host, broker, sqlite_db, tmp_path)
     d.signal(signal.SIGTERM)
     time.sleep(0.5)
     t0 = time.monotonic()
