@@ -13,7 +13,7 @@ def check(identity: Identity, config: Config, timeout: float = 10.0) -> int:
     from . import tenant
     from .daemon import Canary, build_router
     from .stats import Stats
-    from .transport import probe_broker
+    from .mqtt.probe import probe_broker
 
     out = sys.stdout
     problems: list[str] = []

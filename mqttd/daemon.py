@@ -29,7 +29,7 @@ from .message import Message
 from .poison import PoisonList
 from .router import Route, Router, discover, registered_routes, routes_from_config
 from .stats import Stats
-from .transport import Session
+from .mqtt.session import Session
 
 log = logging.getLogger("mqttd.daemon")
 

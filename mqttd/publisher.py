@@ -18,7 +18,8 @@ publishes go nowhere; a client per task works but floods the broker with connect
   reconnecting with ``reconnect_min``..``reconnect_max`` backoff, and publish() fails with
   ``PublishError`` within its timeout until the broker is back.
 
-Kept apart from ``transport.py`` on purpose: that module is the daemon's hot path.
+Kept apart from ``mqttd.mqtt.session`` on purpose: that is the daemon's hot path. Both build
+their paho client with ``mqttd.mqtt.client.new_client``, so TLS and credentials cannot differ.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import atexit
 import functools
 import logging
 import os
-import ssl
 import threading
 import time
 import weakref
@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from .config import BrokerConfig, config_path, load, parse_broker
 from .errors import ConfigError, PublishError
 from .identity import derive, short_hostname, validate_name
+from .mqtt.client import new_client
 
 log = logging.getLogger("mqttd.publisher")
 
@@ -133,15 +134,7 @@ class _Connection:
         self.last_error: str | None = None
         self.closing = False
         v5 = broker.protocol == "5"
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                        **({} if v5 else {"clean_session": True}))
-        if broker.username is not None:
-            c.username_pw_set(broker.username, broker.password)
-        if broker.tls is not None:
-            c.tls_set(ca_certs=broker.tls.ca_certs, certfile=broker.tls.certfile, keyfile=broker.tls.keyfile,
-                      cert_reqs=ssl.CERT_REQUIRED)
-            c.tls_insecure_set(broker.tls.insecure)
+        c = new_client(broker, client_id, persistent=False)
         c.reconnect_delay_set(broker.reconnect_min, broker.reconnect_max)  # type: ignore[arg-type]
         c.max_queued_messages_set(MAX_QUEUED)
         c.suppress_exceptions = True          # a callback bug must not kill the network thread (§4)

@@ -9,6 +9,7 @@ import pytest
 from support.broker import Broker
 from support.daemon import Host
 from support.db import TenantDB, pg_available
+from support.supervisor import site, supervisord  # noqa: F401 - fixtures for the deployment tests
 
 _PG = None
 

@@ -1,5 +1,4 @@
 """Configuration errors exit 78 and name the file and the key."""
-import os
 from pathlib import Path
 
 import pytest

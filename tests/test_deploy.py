@@ -9,7 +9,7 @@ import signal
 from mqttd import lock
 from mqttd.identity import short_hostname
 from support.publish import Publisher, telemetry
-from support.supervisor import retained, site, supervisord, wait_status, wait_until  # noqa: F401 - fixtures
+from support.supervisor import retained, wait_status, wait_until
 
 HOST = short_hostname()
 

@@ -10,7 +10,7 @@ import pytest
 
 from mqttd import supervisor_conf
 from mqttd.inventory import load_inventory
-from support.supervisor import VENV, Supervisord, site  # noqa: F401 - site is a fixture
+from support.supervisor import VENV, Supervisord
 
 CELERY = "[program:celery]\ncommand=/srv/bnp/venv/bin/celery worker\n"
 HAND_BNP = "; my own bnp entry\n[program:bnp-mqtt]\ncommand=/usr/bin/true\n"

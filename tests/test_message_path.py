@@ -1,5 +1,4 @@
 """The delivery promise (SPEC §6) against a real mosquitto, real Django on SQLite and PostgreSQL."""
-import signal
 import subprocess
 import time
 

@@ -2,7 +2,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 from support.daemon import write_config
 from support.db import TENANT_DIR

@@ -2,7 +2,7 @@
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqttd import pahofast
+from mqttd.mqtt import pahofast
 
 
 def _packed() -> bytes:

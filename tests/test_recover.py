@@ -18,7 +18,7 @@ from pathlib import Path
 from mqttd import lock, supervisor_conf
 from mqttd.inventory import load_inventory
 from support.publish import Publisher
-from support.supervisor import VENV, site, supervisord, wait_status, wait_until  # noqa: F401 - fixtures
+from support.supervisor import VENV, wait_status, wait_until
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 FAST = {"MQTTD_CANARY_MAX_AGE": "5"}

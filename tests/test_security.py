@@ -5,7 +5,6 @@ import subprocess
 
 from support.broker import Broker
 from support.daemon import write_config
-from support.publish import telemetry
 from support.waits import wait_rows
 
 

@@ -1,8 +1,6 @@
 """The seed story: three Django projects on one host, each with its own lock, client id and logs."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest

@@ -158,7 +158,7 @@ def test_a_frozen_broker_is_detected_by_keepalive_and_nothing_is_lost(host, brok
     pub.wait_acked(50)
     os.kill(broker.proc.pid, signal.SIGSTOP)        # TCP stays open, nothing answers, not even PINGRESP
     try:
-        st = d.wait_for(lambda s: not s["connected"], timeout=30, what="keepalive noticed the frozen broker")
+        d.wait_for(lambda s: not s["connected"], timeout=30, what="keepalive noticed the frozen broker")
         assert d.proc.poll() is None
     finally:
         os.kill(broker.proc.pid, signal.SIGCONT)

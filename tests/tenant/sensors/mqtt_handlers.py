@@ -43,10 +43,9 @@ def save_strict(msg: Message, code: str) -> None:
 
 # Test hook: simulate a bug inside paho's network-thread callback (the classic way a paho
 # client dies silently). Only active when the test asks for it.
-import os  # noqa: E402
 
 if os.environ.get("TENANT_BREAK_CALLBACK"):
-    from mqttd import transport
+    from mqttd.mqtt import session as transport
 
     _original = transport.Session._on_message
 
@@ -62,7 +61,7 @@ if os.environ.get("TENANT_BREAK_CALLBACK"):
 # subscribes on the process's first connect only, so after the broker forgets the session it is
 # "connected" and receives nothing (the canary stops). A restart (mqttd recover) cures it.
 if os.environ.get("TENANT_NO_RESUBSCRIBE"):
-    from mqttd import transport as _transport
+    from mqttd.mqtt import session as _transport
 
     _subscribe = _transport.Session._subscribe
     _first_connect = [True]

@@ -1,4 +1,4 @@
-"""The MQTT session: the only module that imports paho.
+"""The daemon's MQTT session: a persistent session on a network thread of its own.
 
 Design (see research/reliability-facts.md):
 - One network thread of our own calls ``client.loop()``; it is the only thread that ever touches
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import socket
 import ssl
@@ -31,22 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import pahofast
-from .config import BrokerConfig
-from .errors import BrokerAuthError, TakeoverDetected
-from .message import Message
+from ..config import BrokerConfig
+from ..errors import BrokerAuthError, TakeoverDetected
+from ..message import Message
+from . import owner, pahofast
+from .client import auth_refused, new_client
 
-log = logging.getLogger("mqttd.transport")
+log = logging.getLogger("mqttd.session")
 
-# CONNACK codes meaning "these credentials / this client id are refused" (v5 reason codes and
-# v3.1.1 return codes). On the first connect they are a configuration error (exit 78).
-_AUTH_REFUSED_V5 = {0x85, 0x86, 0x87, 0x8C}
-_AUTH_REFUSED_V3 = {2, 4, 5}
 LOOP_TIMEOUT_S = 0.01   # bounds the delay of an ack queued by the dispatcher
 
 
@@ -95,8 +91,8 @@ class Session:
         # Takeover evidence: our retained owner record on owner_topic, and someone else's
         # arriving after ours (a broker restart can never produce that; a twin always does).
         self._owner_topic = owner_topic
-        self._started_at = time.time()
-        self._owner_payload = f"{socket.gethostname()}:{os.getpid()}:{self._started_at:.3f}"
+        self._owner_payload = owner.own_record()
+        self._started_at = owner.started_at(self._owner_payload)
         self._twin_is_older = False
         self.twin: str | None = None
         self._subscribe_mid: int | None = None
@@ -115,21 +111,11 @@ class Session:
 
     # ---- the client -------------------------------------------------------------------------
     def _make_client(self) -> paho.Client:
-        b = self.broker
         if self.v5:
             pahofast.apply()
-        if self.v5:
-            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 protocol=paho.MQTTv5, manual_ack=True, reconnect_on_failure=False)
-        else:
-            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                                 protocol=paho.MQTTv311, manual_ack=True, reconnect_on_failure=False)
-        if b.username is not None:
-            client.username_pw_set(b.username, b.password)
-        if b.tls is not None:
-            client.tls_set(ca_certs=b.tls.ca_certs, certfile=b.tls.certfile, keyfile=b.tls.keyfile,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(b.tls.insecure)
+        # reconnect_on_failure=False: the loop in _run reconnects, with our backoff and generations.
+        client = new_client(self.broker, self.client_id, persistent=True, manual_ack=True,
+                            reconnect_on_failure=False)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         pahofast.skip_filtered_callbacks(client)     # we never use message_callback_add
         client.on_connect = self._on_connect
@@ -293,7 +279,7 @@ class Session:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             value = reason_code.value
-            refused = value in (_AUTH_REFUSED_V5 if self.v5 else _AUTH_REFUSED_V3) or value in _AUTH_REFUSED_V5
+            refused = auth_refused(value, self.v5)
             reason = f"broker refused the connection: {reason_code}"
             self.state.last_error = reason
             if refused and self.state.connects == 0:
@@ -375,9 +361,9 @@ class Session:
             log.error("broker refused subscription %s", f)
 
     def _owner_record(self, payload: str) -> None:
-        if payload and payload != self._owner_payload and payload != self.twin and _is_live_other(payload):
+        if payload and payload != self._owner_payload and payload != self.twin and owner.is_live_other(payload):
             self.twin = payload
-            self._twin_is_older = _started_at(payload) < self._started_at
+            self._twin_is_older = owner.started_at(payload) < self._started_at
             log.error("another process uses this name and client id %r: %s (host:pid:start)", self.client_id, payload)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -415,108 +401,3 @@ class Session:
         self._deliver(Message(topic, msg.payload, msg.qos, msg.retain, msg.mid, msg.dup, time.time(),
                               None, None, self.state.generation, getattr(msg, "properties", None)))
 
-
-def _started_at(record: str) -> float:
-    """The start time in an owner record (``host:pid:start``); 0 when it has none."""
-    try:
-        return float(record.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0.0
-
-
-def _is_live_other(record: str) -> bool:
-    """Is this owner record (``host:pid:start``) another live process, i.e. twin evidence?
-
-    A record from another host always is. One from this host is only if its pid is alive: after
-    a SIGKILL the broker still holds the dead predecessor's record, which is not a twin (counting
-    it made a restarted daemon exit 73 when the broker then flapped)."""
-    host, _, rest = record.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # alive, under another user
-        return True
-    return True
-
-
-@dataclass
-class ProbeResult:
-    connected: bool
-    error: str | None = None
-    granted: list[tuple[str, str]] | None = None    # (subscription, reason)
-    dropped: int | None = None                       # $SYS/broker/publish/messages/dropped
-    auth_refused: bool = False                       # CONNACK said: bad credentials / not authorised
-
-
-def probe_broker(broker: BrokerConfig, client_id: str, subscriptions: list[tuple[str, int]],
-                 timeout: float = 10.0) -> ProbeResult:
-    """Connect with a clean session as ``client_id`` (the daemon's id + "-check"), subscribe every
-    filter to see what the broker grants, read the $SYS dropped counter if allowed, disconnect.
-    It never touches the daemon's persistent session."""
-    v5 = broker.protocol == "5"
-    if v5:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    else:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                        protocol=paho.MQTTv311)
-    if broker.username is not None:
-        c.username_pw_set(broker.username, broker.password)
-    if broker.tls is not None:
-        c.tls_set(ca_certs=broker.tls.ca_certs, certfile=broker.tls.certfile, keyfile=broker.tls.keyfile,
-                  cert_reqs=ssl.CERT_REQUIRED)
-        c.tls_insecure_set(broker.tls.insecure)
-    result = ProbeResult(False)
-    done = threading.Event()
-    subs = list(subscriptions)
-
-    def on_connect(client, userdata, flags, rc, props):  # noqa: ANN001
-        if rc.is_failure:
-            result.error = f"broker refused the connection: {rc}"
-            result.auth_refused = rc.value in _AUTH_REFUSED_V5 or (not v5 and rc.value in _AUTH_REFUSED_V3)
-            done.set()
-            return
-        result.connected = True
-        topics = subs + [("$SYS/broker/publish/messages/dropped", 0)]
-        client.subscribe(topics)
-
-    def on_subscribe(client, userdata, mid, codes, props):  # noqa: ANN001
-        result.granted = [(s, "refused: " + str(rc) if rc.is_failure else f"granted QoS {rc.value}")
-                          for (s, _), rc in zip(subs, codes)]
-        if codes[-1].is_failure:
-            done.set()
-
-    def on_message(client, userdata, msg):  # noqa: ANN001
-        if msg.topic == "$SYS/broker/publish/messages/dropped":
-            try:
-                result.dropped = int(msg.payload)
-            except ValueError:
-                pass
-            done.set()
-
-    c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
-    try:
-        c.connect(broker.host, broker.port, broker.keepalive)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        return ProbeResult(False, f"cannot connect to {broker.host}:{broker.port}: {exc}")
-    deadline = time.monotonic() + timeout
-    while not done.is_set() and time.monotonic() < deadline:
-        if c.loop(0.1) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
-            if result.error is None and not result.connected:
-                result.error = "connection closed by broker"
-            break
-        if result.granted is not None and time.monotonic() > deadline - timeout + 2:
-            break       # $SYS may be denied or slow; the grants are what matters
-    if not result.connected and result.error is None:
-        result.error = f"no answer from {broker.host}:{broker.port} within {timeout:.0f}s"
-    try:
-        c.disconnect()
-    except Exception:  # noqa: BLE001
-        pass
-    return result

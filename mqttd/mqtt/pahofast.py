@@ -1,4 +1,4 @@
-"""A measured speed-up at the paho edge (only transport-side code imports this module).
+"""A measured speed-up at the paho edge (only mqttd.mqtt imports this module).
 
 paho-mqtt 2.x builds three constant lookup tables (~40 entries, ~30 ``list.index`` calls) in
 *every* ``Properties()`` - one per MQTT 5 PUBLISH received - and ``unpack()`` first scans all
@@ -15,7 +15,7 @@ import logging
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-log = logging.getLogger("mqttd.transport")
+log = logging.getLogger("mqttd.session")
 
 _PRIVATE = ("packetType", "types", "names", "properties")
 _applied = False
