@@ -150,7 +150,7 @@ def failures(tenants: list[dict[str, Any]], kinds: list[dict[str, Any]], anomali
     return out
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [header] + [["-" if v is None else str(v) for v in r] for r in rows]
     w = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
@@ -158,7 +158,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def tenant_table(tenants: list[dict[str, Any]]) -> str:
-    return _table(["tenant", "published", "stored", "lost", "lost*", "dup no-key", "dup key", "DL exp", "DL got",
+    return table(["tenant", "published", "stored", "lost", "lost*", "dup no-key", "dup key", "DL exp", "DL got",
                    "DL dup"],
                   [[t["tenant"], t["published"], t["stored"], t["lost_covered"], t["lost_outside"], t["dup_nokey"],
                     t["dup_key"], t["dl_expected"], t["dl_got"], t["dl_dups"]] for t in tenants])
@@ -170,7 +170,7 @@ def fault_table(kinds: list[dict[str, Any]]) -> str:
             return None
         return f"{k['recovery_median_s']:.1f} / {k['recovery_max_s']:.1f}"
 
-    return _table(["fault", "injected", "lost", "lost*", "dup no-key", "dup key", "recovery s (median / max)"],
+    return table(["fault", "injected", "lost", "lost*", "dup no-key", "dup key", "recovery s (median / max)"],
                   [[k["label"], k["injected"], k["lost"], k["outside"] if k["kind"] == "broker_kill" else None,
                     k["dup_nokey"], k["dup_key"], rec(k) if not k["not_recovered"] else
                     f"{k['not_recovered']} NOT RECOVERED"] for k in kinds])
