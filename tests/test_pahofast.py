@@ -57,3 +57,104 @@ def test_a_batch_of_acks_is_the_same_bytes_paho_would_send_one_by_one():
         batched = [p for who, p in sent if who == id(many)]
         assert len(batched) == 1 and batched[0] == singles == bytes.fromhex("40020001400200024002012c4002ffff")
         sent.clear()
+
+
+def _publish_packet(topic: str, payload: bytes, mid: int, qos: int = 1, v5: bool = True) -> bytes:
+    """A PUBLISH as a broker writes it (fixed header, topic, packet id, properties, payload)."""
+    import struct
+
+    name = topic.encode()
+    body = struct.pack("!H", len(name)) + name + (struct.pack("!H", mid) if qos else b"")
+    if v5:
+        body += b"\x00"                       # no properties
+    body += payload
+    n, length = len(body), b""
+    while True:
+        byte, n = n % 128, n // 128
+        length += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            break
+    return bytes([0x30 | (qos << 1)]) + length + body
+
+
+def _paho_client_on(sock):  # noqa: ANN001, ANN202
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="x", protocol=paho.MQTTv5, manual_ack=True)
+    sock.setblocking(False)
+    c._sock = sock
+    return c
+
+
+def test_the_receive_buffer_hands_paho_every_packet_of_a_chunk_in_order():
+    import socket
+
+    from paho.mqtt.enums import MQTTErrorCode
+
+    broker_end, ours = socket.socketpair()
+    try:
+        c = _paho_client_on(ours)
+        rbuf = pahofast.RecvBuffer(c)
+        got: list[tuple] = []
+        c.on_message = lambda client, userdata, m: got.append((m.topic, m.payload, m.mid))
+        # a 70 kB payload spans two 64 KiB chunks; a 2-byte remaining length crosses a read
+        packets = [_publish_packet(f"ble/d{i}/t", b"x" * (70_000 if i == 3 else i), i + 1) for i in range(200)]
+        broker_end.sendall(b"".join(packets))
+        while len(got) < 200:
+            assert c.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert got == [(f"ble/d{i}/t", b"x" * (70_000 if i == 3 else i), i + 1) for i in range(200)]
+        assert rbuf.pending() == 0
+    finally:
+        broker_end.close()
+        ours.close()
+
+
+def test_bytes_buffered_from_a_closed_connection_never_reach_the_next_one():
+    import socket
+
+    old_broker, old = socket.socketpair()
+    new_broker, new = socket.socketpair()
+    try:
+        c = _paho_client_on(old)
+        rbuf = pahofast.RecvBuffer(c)
+        got: list[int] = []
+        c.on_message = lambda client, userdata, m: got.append(m.mid)
+        old_broker.sendall(_publish_packet("a", b"1", 1) + _publish_packet("a", b"2", 2))
+        c.loop_read()                        # reads both, hands paho the first
+        assert got == [1] and rbuf.pending() > 0
+        new.setblocking(False)
+        c._sock = new                        # what a reconnect does
+        assert rbuf.pending() == 0           # mid 2 of the old connection is gone
+        new_broker.sendall(_publish_packet("a", b"3", 1))
+        c.loop_read()
+        assert got == [1, 1] and rbuf.pending() == 0
+    finally:
+        for s in (old_broker, old, new_broker, new):
+            s.close()
+
+
+def test_direct_publish_delivers_what_on_message_would_and_leaves_qos_2_to_paho():
+    import socket
+
+    broker_end, ours = socket.socketpair()
+    try:
+        plain = _paho_client_on(ours)
+        seen: list[tuple] = []
+        plain.on_message = lambda client, userdata, m: seen.append(
+            (m._topic, m.payload, m.qos, m.retain, m.mid, m.dup, m.properties.json()))
+        direct: list[tuple] = []
+        fast = _paho_client_on(ours)
+        assert pahofast.direct_publish(fast, lambda t, p, q, r, mid, dup, props: direct.append(
+            (t, p, q, r, mid, dup, props.json())))
+        for client in (plain, fast):
+            for raw in (_publish_packet("ble/é/t", b'{"a":1}', 7), _publish_packet("q0", b"", 0, qos=0)):
+                broker_end.sendall(raw)
+                client.loop_read()
+        assert direct == seen and [d[4] for d in direct] == [7, 0]
+        broker_end.sendall(_publish_packet("q2", b"z", 9, qos=2))
+        fast.loop_read()
+        assert 9 in fast._in_messages and len(direct) == 2     # paho's QoS 2 flow (PUBREC, wait for PUBREL)
+    finally:
+        broker_end.close()
+        ours.close()

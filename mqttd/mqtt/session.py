@@ -44,6 +44,7 @@ from .client import auth_refused, new_client
 log = logging.getLogger("mqttd.session")
 
 LOOP_TIMEOUT_S = 0.01   # bounds the delay of an ack queued by the dispatcher
+DRAIN_PACKETS = 256     # packets handled from the receive buffer before acks go out again
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Session:
         # Takeover evidence: our retained owner record on owner_topic, and someone else's
         # arriving after ours (a broker restart can never produce that; a twin always does).
         self._owner_topic = owner_topic
+        self._owner_topic_b = owner_topic.encode() if owner_topic else None
         self._owner_payload = owner.own_record()
         self._started_at = owner.started_at(self._owner_payload)
         self._twin_is_older = False
@@ -118,9 +120,11 @@ class Session:
                             reconnect_on_failure=False)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         pahofast.skip_filtered_callbacks(client)     # we never use message_callback_add
+        self._rbuf = pahofast.RecvBuffer(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        if not pahofast.direct_publish(client, self._on_publish):
+            client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         return client
 
@@ -227,7 +231,19 @@ class Session:
             self._paused_since = time.monotonic()
         else:
             self.state.paused_reading = False
-        return c.loop(LOOP_TIMEOUT_S)
+        return self._loop_once()
+
+    def _loop_once(self) -> MQTTErrorCode:
+        """``client.loop()``, then the packets already in the receive buffer (they do not wake
+        select()), a bounded number at a time so that queued acks go out in between."""
+        c, rbuf = self._client, self._rbuf
+        rc = c.loop(0.0 if rbuf.pending() else LOOP_TIMEOUT_S)
+        n = 0
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and n < DRAIN_PACKETS and rbuf.pending() \
+                and self._backlog() < self._max_backlog:
+            rc = c.loop_read()
+            n += 1
+        return rc
 
     def _drain_outbox(self) -> None:
         out = self._outbox
@@ -267,7 +283,7 @@ class Session:
             info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and not info.is_published() and self.state.connected:
-                if self._client.loop(LOOP_TIMEOUT_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._loop_once() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
             self._client.disconnect()
             deadline = time.monotonic() + 1.0
@@ -391,13 +407,19 @@ class Session:
         st.connected = False
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        if msg.qos == 0 and self._owner_topic and msg.topic == self._owner_topic:
-            self._owner_record(msg.payload.decode("utf-8", "replace"))
+        """paho's on_message, used only where ``pahofast.direct_publish`` cannot be applied."""
+        self._on_publish(msg._topic, msg.payload, msg.qos, msg.retain, msg.mid, msg.dup,
+                         getattr(msg, "properties", None))
+
+    def _on_publish(self, topic: bytes, payload: bytes, qos: int, retain: bool, mid: int, dup: bool,
+                    properties: Properties | None) -> None:
+        """Every PUBLISH from the broker (network thread): into a ``Message``, into the intake."""
+        if qos == 0 and self._owner_topic_b is not None and topic == self._owner_topic_b:
+            self._owner_record(payload.decode("utf-8", "replace"))
             return
         try:
-            topic = msg.topic
+            text = topic.decode("utf-8")
         except UnicodeDecodeError:   # a broker that let an invalid topic through: keep the message
-            topic = msg._topic.decode("utf-8", "replace")
-        self._deliver(Message(topic, msg.payload, msg.qos, msg.retain, msg.mid, msg.dup, time.time(),
-                              None, None, self.state.generation, getattr(msg, "properties", None)))
-
+            text = topic.decode("utf-8", "replace")
+        self._deliver(Message(text, payload, qos, retain, mid, dup, time.time(),
+                              None, None, self.state.generation, properties))

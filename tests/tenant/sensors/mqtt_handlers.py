@@ -47,14 +47,14 @@ def save_strict(msg: Message, code: str) -> None:
 if os.environ.get("TENANT_BREAK_CALLBACK"):
     from mqttd.mqtt import session as transport
 
-    _original = transport.Session._on_message
+    _original = transport.Session._on_publish
 
-    def _buggy(self, client, userdata, msg):  # noqa: ANN001
-        if msg.topic == "ble/boom/telemetry":
+    def _buggy(self, topic, *args):  # noqa: ANN001, ANN002
+        if topic == b"ble/boom/telemetry":
             raise RuntimeError("bug in on_message")
-        return _original(self, client, userdata, msg)
+        return _original(self, topic, *args)
 
-    transport.Session._on_message = _buggy
+    transport.Session._on_publish = _buggy
 
 
 # Test hook: the zombie consumer of a broker restarted without its sessions. The daemon
