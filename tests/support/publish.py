@@ -43,6 +43,14 @@ class Publisher:
         self.client.loop_stop()
 
 
+def ble_payload(seq: int, devices: int = 50) -> bytes:
+    """The benchmark's ~100-byte BLE telemetry JSON (research/throughput-baseline.md)."""
+    dev = f"ble-{seq % devices + 1:04d}"
+    return json.dumps({"device": dev, "rssi": -40 - seq % 50, "temp": 15 + (seq % 100) / 10,
+                       "hum": 40 + (seq % 300) / 10, "batt": 2.5 + (seq % 70) / 100, "seq": seq,
+                       "ts": 1732000000.0 + seq / 1000}, separators=(",", ":")).encode()
+
+
 def telemetry(seq: int, **extra) -> dict:  # noqa: ANN003
     return {"seq": seq, "rssi": -50 - seq % 40, "temp": 20.0 + (seq % 10) / 10, **extra}
 
