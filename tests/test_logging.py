@@ -46,3 +46,23 @@ def test_a_log_dir_that_cannot_be_created_does_not_stop_the_daemon(host, broker,
     wait_rows(sqlite_db, 1)
     assert d.stop() == 0
     assert "cannot log to" in d.proc.stderr.read()
+
+
+def test_a_full_log_disk_does_not_stop_the_daemon_or_flood_stderr(host, broker, sqlite_db, tmp_path):
+    # Given a log file on a device that is always full (every write fails with ENOSPC)
+    (host.log_dir / "bnp").mkdir(parents=True)
+    (host.log_dir / "bnp" / "mqttd.log").symlink_to("/dev/full")
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), sqlite_db)
+    d.wait_connected()
+    # when messages arrive, including one that logs a warning
+    pub = Publisher(broker.port)
+    pub.send("ble/dev-1/telemetry", b"{bad json")
+    for seq in range(1, 21):
+        pub.send("ble/dev-1/telemetry", telemetry(seq))
+    pub.wait_acked(21)
+    pub.close()
+    # then every message is stored, it stops cleanly, and stderr carries no traceback per line
+    wait_rows(sqlite_db, 20)
+    assert d.stop() == 0
+    err = d.proc.stderr.read()
+    assert "Traceback" not in err and "Logging error" not in err, err[-2000:]
