@@ -20,7 +20,8 @@ from typing import Any
 from . import __version__, logs, status
 from .config import Config
 from .deadletters import DeadLetterSink, model_available
-from .dispatch import Dispatcher, Intake
+from .dispatch import Dispatcher
+from .intake import Intake
 from .errors import ConfigError, MqttdError, WatchdogTripped
 from .identity import Identity
 from .lock import ProjectLock, ensure_dir

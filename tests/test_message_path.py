@@ -75,6 +75,37 @@ def test_bad_json_and_a_raising_handler_become_dead_letters_and_their_neighbours
     assert d.stop() == 0
 
 
+def test_failures_at_the_edges_and_side_by_side_in_one_batch_spare_every_neighbour(host, broker, tenant_db, tmp_path):
+    cfg = write_config(tmp_path / "c.toml", broker.port)
+    d = host.start("bnp", cfg, tenant_db)
+    d.wait_connected()
+    d.stop()
+    # Given a batch whose first two, middle and last two messages raise, with dedupe-keyed
+    # messages among them (five of them sent twice), queued while the daemon is away
+    failing = {0, 1, 150, 298, 299}
+    pub = Publisher(broker.port)
+    for i in range(300):
+        pub.send(f"ble/dev-{i % 3}/telemetry", telemetry(i, fail=i in failing))
+        if i % 15 == 0:
+            pub.send("dedupe/dev-9/telemetry", telemetry(1000 + i))
+        if i % 60 == 0:
+            pub.send("dedupe/dev-9/telemetry", telemetry(1000 + i))      # a duplicate in the same batch
+    pub.wait_acked(300 + 20 + 5)
+    pub.close()
+    # when it starts
+    d = host.start("bnp", cfg, tenant_db)
+    st = d.wait_for(lambda s: s["acked"] >= 325, what="all acked")
+    # then exactly the five raising messages are dead letters and everything else is stored once
+    wait_rows(tenant_db, 295, where="source = 'single'")
+    wait_rows(tenant_db, 20, where="source = 'dedupe'")
+    letters = tenant_db.query("select error from mqttd_deadletter")
+    assert sorted(int(e.split("seq ")[1].rstrip(")")) for (e,) in letters) == sorted(failing)
+    assert tenant_db.scalar("select count(distinct seq) from sensors_reading where source = 'single'") == 295
+    assert tenant_db.scalar("select count(*) from sensors_reading where source = 'dedupe'") == 20
+    assert st["dead_letters"] == 5 and st["duplicates_skipped"] == 5
+    assert d.stop() == 0
+
+
 def test_kill_9_mid_stream_loses_nothing_and_a_dedupe_key_gives_exactly_one_row(host, broker, tenant_db, tmp_path):
     n = 3000
     cfg = write_config(tmp_path / "c.toml", broker.port, extra="[dispatch]\nbatch_size = 25\n")
