@@ -158,3 +158,37 @@ def test_direct_publish_delivers_what_on_message_would_and_leaves_qos_2_to_paho(
     finally:
         broker_end.close()
         ours.close()
+
+
+def test_a_full_intake_still_reads_a_packet_per_quarter_keepalive_when_all_of_them_are_buffered():
+    """While the intake is full the session reads one packet every keepalive/4, so that paho
+    sees bytes arriving and does not give up on its PINGREQ. When everything the broker sent is
+    already in the receive buffer, the socket is not readable: that read must still happen."""
+    import socket
+    import time
+
+    from paho.mqtt.enums import MQTTErrorCode
+
+    from mqttd.config import BrokerConfig
+    from mqttd.mqtt.session import Session
+
+    got: list[str] = []
+    # an intake of one message that is never taken: full after the first
+    s = Session(BrokerConfig(keepalive=5), "bnp-test", [("ble/#", 1)], lambda m: got.append(m.topic),
+                lambda: len(got), max_backlog=1, status_topic="mqttd/bnp/status")
+    broker_end, ours = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        s._client._sock = ours
+        broker_end.sendall(b"".join(_publish_packet(f"ble/{i}", b"x", i + 1) for i in range(3)))
+        assert s._step() == MQTTErrorCode.MQTT_ERR_SUCCESS and got == ["ble/0"]
+        assert s._rbuf.pending() > 0                   # one recv took all three: the socket is empty
+        before = len(got)
+        s._step()                                      # the pause begins: nothing read
+        assert len(got) == before and s.state.paused_reading
+        s._paused_since = time.monotonic() - 2         # a quarter keepalive (1.25 s) has passed
+        s._step()
+        assert len(got) == before + 1                  # one packet, from the buffer
+    finally:
+        broker_end.close()
+        ours.close()

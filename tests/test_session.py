@@ -210,3 +210,27 @@ def test_a_second_sigterm_exits_at_once_even_with_a_hung_handler(host, broker, s
     d.signal(signal.SIGTERM)
     code = d.wait_exit(5)
     assert code == 128 + signal.SIGTERM and time.monotonic() - t0 < 2
+
+
+def test_a_batch_that_takes_longer_than_the_keepalive_does_not_cost_the_connection(host, broker, sqlite_db, tmp_path):
+    # Given a handler that takes 40 ms a message, batches of 300 (12 s each without an ack, more
+    # than twice the 5 s keepalive, no canary meanwhile) and a wide receive window, so that the
+    # PINGRESP to paho's PINGREQ arrives behind hundreds of messages the intake has no room for
+    cfg = write_config(tmp_path / "c.toml", broker.port, keepalive=5, broker_extra="receive_maximum = 1000",
+                       extra="[dispatch]\nbatch_size = 300\nmax_backlog = 300\n", canary_interval=60)
+    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_SLOW_MS": "40"})
+    d.wait_connected()
+    # when 900 messages arrive at once
+    pub = Publisher(broker.port)
+    for seq in range(900):
+        pub.send(f"slow/dev-{seq % 4}", telemetry(seq))
+    pub.wait_acked(900)
+    pub.close()
+    # then the session survives (keepalive traffic is still read while the intake is full), and
+    # nothing is delivered twice
+    wait_rows(sqlite_db, 900, where="source = 'slow'", timeout=120)
+    st = d.wait_for(lambda s: s["acked"] >= 900, what="all acked")
+    assert st["reconnects"] == 0 and st["connected"], st
+    assert "Keep alive timeout" not in d.log()
+    assert sqlite_db.scalar("select count(*) from sensors_reading where source = 'slow'") == 900
+    assert d.stop() == 0

@@ -229,16 +229,25 @@ class Session:
                 time.sleep(LOOP_TIMEOUT_S)
                 return rc
             self._paused_since = time.monotonic()
-        else:
-            self.state.paused_reading = False
+            return self._loop_once(at_least_one=True)
+        self.state.paused_reading = False
         return self._loop_once()
 
-    def _loop_once(self) -> MQTTErrorCode:
+    def _loop_once(self, at_least_one: bool = False) -> MQTTErrorCode:
         """``client.loop()``, then the packets already in the receive buffer (they do not wake
-        select()), a bounded number at a time so that queued acks go out in between."""
+        select()), a bounded number at a time so that queued acks go out in between.
+
+        ``at_least_one``: the read a paused session makes every keepalive/4 handles a buffered
+        packet even though the intake is full. When everything the broker sent is already
+        buffered, the socket is not readable and it would otherwise read nothing; paho, seeing
+        no bytes after its PINGREQ, would then drop the connection ("Keep alive timeout")."""
         c, rbuf = self._client, self._rbuf
-        rc = c.loop(0.0 if rbuf.pending() else LOOP_TIMEOUT_S)
+        pending = rbuf.pending()
+        rc = c.loop(0.0 if pending else LOOP_TIMEOUT_S)
         n = 0
+        if at_least_one and pending and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            rc = c.loop_read()
+            n = 1
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and n < DRAIN_PACKETS and rbuf.pending() \
                 and self._backlog() < self._max_backlog:
             rc = c.loop_read()

@@ -14,12 +14,13 @@ from .db import TENANT_DIR, TenantDB
 
 
 def write_config(path: Path, port: int, *, protocol: str = "5", keepalive: int = 10,
-                 extra: str = "", broker_extra: str = "", settings: str = "tenant_site.settings") -> Path:
+                 extra: str = "", broker_extra: str = "", settings: str = "tenant_site.settings",
+                 canary_interval: float = 1) -> Path:
     path.write_text(
         f'[django]\nsettings = "{settings}"\npythonpath = ["{TENANT_DIR}"]\n\n'
         f'[broker]\nhost = "127.0.0.1"\nport = {port}\nprotocol = "{protocol}"\nkeepalive = {keepalive}\n'
         f"reconnect_min = 0.2\nreconnect_max = 2\n{broker_extra}\n\n"
-        f"[status]\ninterval = 0.5\ncanary_interval = 1\n\n{extra}\n"
+        f"[status]\ninterval = 0.5\ncanary_interval = {canary_interval}\n\n{extra}\n"
     )
     return path
 

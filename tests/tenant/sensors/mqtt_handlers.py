@@ -114,6 +114,19 @@ if os.environ.get("TENANT_HANG"):
         Reading.objects.bulk_create(rows)
 
 
+# Test hook: a handler slower than the traffic (TENANT_SLOW_MS per message), so that the daemon
+# falls behind and its intake stays full for longer than the keepalive.
+if os.environ.get("TENANT_SLOW_MS"):
+    import time as _time
+
+    _SLOW_S = int(os.environ["TENANT_SLOW_MS"]) / 1000
+
+    @route("slow/{device}", qos=1)
+    def save_slowly(msg: Message, device: str) -> None:
+        _time.sleep(_SLOW_S)
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="slow")
+
+
 # Test hook: the chaos soak (scripts/soak). TENANT_SOAK_PREFIX=<tenant> gives this tenant topics
 # of its own, so three tenants share one broker without receiving each other's traffic:
 #   soak/PREFIX/{device}   per message, no dedupe key  (source "soak")
