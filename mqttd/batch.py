@@ -187,6 +187,7 @@ class BatchRunner:
                 self._run_spans(singles, letters, blame)
                 for route, items in groups.items():
                     msgs = [m if m.params is p else m.with_params(p) for m, p in items]
+                    dups_before = self.dups
                     try:
                         with transaction.atomic():
                             todo = [m for m, _, _ in self._dedupe([(m, route, {}) for m in msgs])]
@@ -198,6 +199,7 @@ class BatchRunner:
                     except Exception as exc:  # noqa: BLE001
                         if is_outage(exc) and not blame:
                             raise DatabaseUnavailable(str(exc)) from exc
+                    self.dups = dups_before          # the spans count them again
                     self._run_spans([(m, route, lambda m=m, route=route: route.handler([m])) for m in msgs],
                                     letters, blame)
                 self.current = None
