@@ -192,3 +192,95 @@ def test_a_full_intake_still_reads_a_packet_per_quarter_keepalive_when_all_of_th
     finally:
         broker_end.close()
         ours.close()
+
+
+def _props_bytes(**values) -> bytes:  # noqa: ANN003
+    p = Properties(PacketTypes.PUBLISH)
+    for k, v in values.items():
+        setattr(p, k, v)
+    return p.pack()
+
+
+def _raw_publish(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 7, retain: bool = False,
+                 dup: bool = False, props: bytes | None = b"\x00") -> bytes:
+    """A PUBLISH as the broker writes it; ``props`` None for 3.1.1 (no property block)."""
+    import struct
+
+    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
+    body += (props if props is not None else b"") + payload
+    n, length = len(body), b""
+    while True:
+        byte, n = n % 128, n // 128
+        length += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            break
+    return bytes([0x30 | (qos << 1) | (8 if dup else 0) | (1 if retain else 0)]) + length + body
+
+
+class _BufferedClient:
+    """Just what RecvBuffer.take_publish touches on a paho client."""
+
+    def __init__(self, data: bytes) -> None:
+        import threading
+
+        self._sock = object()
+        self._in_packet = {"command": 0}
+        self._msgtime_mutex = threading.Lock()
+        self._last_bytes_received = 0.0
+        self._sock_recv = lambda n: b""
+        self.rbuf = pahofast.RecvBuffer(self)
+        self.rbuf._same_socket()
+        self.rbuf._buf = data
+
+
+def test_publish_packets_decoded_from_the_buffer_are_what_paho_decodes():
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    cases = []
+    for v5 in (True, False):
+        for topic in (b"ble/dev-1/telemetry", "ble/é/ü".encode(), b"t" * 300, b"" if v5 else b"x"):
+            for size in (0, 1, 120, 16_380, 70_000):            # remaining length of 1, 2 and 3 bytes
+                for qos in (0, 1):
+                    props = [None] if not v5 else [b"\x00", _props_bytes(UserProperty=[("msg-id", "a-1")],
+                                                                          ContentType="application/json")]
+                    for pr in props:
+                        cases.append((v5, _raw_publish(topic, bytes([size % 251]) * size, qos=qos, mid=qos * 513,
+                                                       retain=size % 2 == 1, dup=qos == 1 and size == 1, props=pr)))
+    for v5, raw in cases:
+        c = _BufferedClient(raw)
+        got = c.rbuf.take_publish(v5)
+        assert got is not None and c.rbuf.pending() == 0 and c._last_bytes_received > 0
+        header_len = 1 + next(i for i in range(1, 5) if not raw[i] & 0x80)
+        want = _packet.decode_publish(raw[0], raw[header_len:],
+                                      MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
+        topic, payload, qos, retain, mid, dup, props = got
+        assert (topic, payload, qos, retain, mid, dup) == (want.topic, want.payload, want.qos, want.retain,
+                                                           want.mid, want.dup)
+        assert (props.json() if props is not None else {}) == (want.properties.json() if v5 else {})
+
+
+def test_anything_but_a_whole_qos_0_or_1_publish_is_left_to_paho():
+    raw = _raw_publish(b"ble/x", b"{}", qos=1)
+    for cut in range(len(raw)):                       # not wholly buffered yet
+        c = _BufferedClient(raw[:cut])
+        assert c.rbuf.take_publish(True) is None and c.rbuf.pending() == cut
+    others = [(bytes.fromhex("40020001"), True),                  # PUBACK
+              (bytes.fromhex("d000"), True),                      # PINGRESP
+              (_raw_publish(b"q2", b"z", qos=2), True),           # QoS 2: paho's flow
+              (_raw_publish(b"", b"z", props=None), False),       # empty topic on 3.1.1: a protocol error
+              (_raw_publish(b"t", b"z", props=b"\x05\x01"), True),  # properties longer than the packet
+              (bytes([0x32, 0x80, 0x80, 0x80, 0x80, 0x01]), True)]   # a 5-byte remaining length
+    for raw, v5 in others:
+        c = _BufferedClient(raw)
+        assert c.rbuf.take_publish(v5) is None and c.rbuf.pending() == len(raw), raw
+    c = _BufferedClient(_raw_publish(b"ble/x", b"{}"))
+    c._in_packet["command"] = 0x32                     # paho holds part of a packet: never interleave
+    assert c.rbuf.take_publish(True) is None
+
+
+def test_two_packets_in_one_chunk_come_out_in_order_and_the_next_socket_starts_clean():
+    c = _BufferedClient(_raw_publish(b"a", b"1", mid=1) + _raw_publish(b"b", b"2", mid=2))
+    assert c.rbuf.take_publish(True)[4] == 1
+    c._sock = object()                                 # a reconnect: the rest belongs to the old one
+    assert c.rbuf.take_publish(True) is None and c.rbuf.pending() == 0

@@ -241,18 +241,27 @@ class Session:
         packet even though the intake is full. When everything the broker sent is already
         buffered, the socket is not readable and it would otherwise read nothing; paho, seeing
         no bytes after its PINGREQ, would then drop the connection ("Keep alive timeout")."""
-        c, rbuf = self._client, self._rbuf
+        rbuf = self._rbuf
         pending = rbuf.pending()
-        rc = c.loop(0.0 if pending else LOOP_TIMEOUT_S)
+        rc = self._client.loop(0.0 if pending else LOOP_TIMEOUT_S)
         n = 0
         if at_least_one and pending and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            rc = c.loop_read()
+            rc = self._read_buffered()
             n = 1
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and n < DRAIN_PACKETS and rbuf.pending() \
                 and self._backlog() < self._max_backlog:
-            rc = c.loop_read()
+            rc = self._read_buffered()
             n += 1
         return rc
+
+    def _read_buffered(self) -> MQTTErrorCode:
+        """One packet from the receive buffer: a whole QoS 0/1 PUBLISH decoded by the buffer
+        itself, anything else by paho."""
+        packet = self._rbuf.take_publish(self.v5)
+        if packet is None:
+            return self._client.loop_read()
+        self._on_publish(*packet)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _drain_outbox(self) -> None:
         out = self._outbox
