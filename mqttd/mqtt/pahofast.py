@@ -1,12 +1,16 @@
 """Measured speed-ups at the paho edge (only mqttd.mqtt imports this module).
 
-paho-mqtt 2.x builds three constant lookup tables (~40 entries, ~30 ``list.index`` calls) in
-*every* ``Properties()`` - one per MQTT 5 PUBLISH received - and ``unpack()`` first scans all
-40 names to ``clear()`` a fresh object. At 10k msg/s that was 20-40% of mqttd's CPU (py-spy,
-see README "Benchmarks"). The tables are never mutated, so one shared copy is equivalent.
-
-The patch is applied only if this paho's ``Properties`` has exactly the layout it was written
-for; otherwise paho is left untouched and everything still works, only slower.
+Each was found with py-spy on scripts/bench and keeps paho's behaviour on the wire:
+- ``apply``: shared constant tables in paho's ``Properties`` (built anew for every MQTT 5
+  PUBLISH: 20-40% of mqttd's CPU at 10k msg/s);
+- ``skip_filtered_callbacks``: no walk of an empty callback trie per message;
+- ``ack_many``: a batch's PUBACKs written as one buffer, byte for byte what paho would write;
+- ``RecvBuffer``: the socket read 64 KiB at a time, and whole QoS 0/1 PUBLISH packets decoded
+  from that buffer without paho's per-packet bookkeeping;
+- ``direct_publish``: the PUBLISH packets paho does read go to the session without an
+  ``MQTTMessage`` (and its ``threading.Condition``) each.
+Each is applied only if this paho has the layout it was written for, and tested against paho's
+own decoding; otherwise paho is left as it is and everything still works, only slower.
 """
 from __future__ import annotations
 
@@ -27,7 +31,11 @@ _applied = False
 
 
 def apply() -> bool:
-    """Share Properties' constant tables between instances. Idempotent; returns True if active."""
+    """Share Properties' constant tables between instances. Idempotent; returns True if active.
+
+    paho builds three lookup tables (~40 entries, ~30 ``list.index`` calls) in every
+    ``Properties()``, and ``unpack()`` scans all 40 names to ``clear()`` the fresh object. The
+    tables are never mutated, so one shared copy is equivalent."""
     global _applied
     if _applied:
         return True
