@@ -59,22 +59,24 @@ def test_a_batch_of_acks_is_the_same_bytes_paho_would_send_one_by_one():
         sent.clear()
 
 
-def _publish_packet(topic: str, payload: bytes, mid: int, qos: int = 1, v5: bool = True) -> bytes:
-    """A PUBLISH as a broker writes it (fixed header, topic, packet id, properties, payload)."""
+def _raw_publish(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 7, retain: bool = False,
+                 dup: bool = False, props: bytes | None = b"\x00") -> bytes:
+    """A PUBLISH as the broker writes it; ``props`` None for 3.1.1 (no property block)."""
     import struct
 
-    name = topic.encode()
-    body = struct.pack("!H", len(name)) + name + (struct.pack("!H", mid) if qos else b"")
-    if v5:
-        body += b"\x00"                       # no properties
-    body += payload
+    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
+    body += (props if props is not None else b"") + payload
     n, length = len(body), b""
     while True:
         byte, n = n % 128, n // 128
         length += bytes([byte | (0x80 if n else 0)])
         if not n:
             break
-    return bytes([0x30 | (qos << 1)]) + length + body
+    return bytes([0x30 | (qos << 1) | (8 if dup else 0) | (1 if retain else 0)]) + length + body
+
+
+def _publish_packet(topic: str, payload: bytes, mid: int, qos: int = 1, v5: bool = True) -> bytes:
+    return _raw_publish(topic.encode(), payload, qos=qos, mid=mid, props=b"\x00" if v5 else None)
 
 
 def _paho_client_on(sock):  # noqa: ANN001, ANN202
@@ -199,22 +201,6 @@ def _props_bytes(**values) -> bytes:  # noqa: ANN003
     for k, v in values.items():
         setattr(p, k, v)
     return p.pack()
-
-
-def _raw_publish(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 7, retain: bool = False,
-                 dup: bool = False, props: bytes | None = b"\x00") -> bytes:
-    """A PUBLISH as the broker writes it; ``props`` None for 3.1.1 (no property block)."""
-    import struct
-
-    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
-    body += (props if props is not None else b"") + payload
-    n, length = len(body), b""
-    while True:
-        byte, n = n % 128, n // 128
-        length += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            break
-    return bytes([0x30 | (qos << 1) | (8 if dup else 0) | (1 if retain else 0)]) + length + body
 
 
 class _BufferedClient:
