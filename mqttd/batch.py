@@ -251,10 +251,11 @@ class BatchRunner:
         try:
             with transaction.atomic():
                 span = singles[start:end]
-                kept = {id(m) for m, _, _ in self._dedupe([(m, route, {}) for m, route, _ in span])}
+                # Per (message, route): a message may be a duplicate for one route's key only.
+                kept = {(id(m), r) for m, r, _ in self._dedupe([(m, route, {}) for m, route, _ in span])}
                 for k in range(start, end):
                     msg, route, call = singles[k]
-                    if id(msg) not in kept:
+                    if (id(msg), route) not in kept:
                         continue
                     self.current = ([msg], route, time.monotonic())
                     try:

@@ -106,6 +106,28 @@ def test_failures_at_the_edges_and_side_by_side_in_one_batch_spare_every_neighbo
     assert d.stop() == 0
 
 
+def test_a_duplicate_for_one_route_runs_only_the_other_even_beside_a_failing_message(host, broker, sqlite_db, tmp_path):
+    # Given a topic with two routes, one keyed (dedupe) and one not, and a message already stored
+    cfg = write_config(tmp_path / "c.toml", broker.port)
+    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_OVERLAP": "1"})
+    d.wait_connected()
+    _publish(broker.port, 1, topic="dedupe/dev-1/telemetry")
+    wait_rows(sqlite_db, 1, where="source = 'every'")
+    d.stop()
+    # when the same message comes again in one batch with a message whose handler raises
+    pub = Publisher(broker.port)
+    pub.send("dedupe/dev-1/telemetry", telemetry(0))
+    pub.send("ble/dev-2/telemetry", telemetry(1, fail=True))
+    pub.wait_acked(2)
+    pub.close()
+    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_OVERLAP": "1"})
+    d.wait_for(lambda s: s["acked"] >= 2 and s["dead_letters"] == 1, what="both acked")
+    # then the keyed route ran once in all, the other once per copy
+    wait_rows(sqlite_db, 2, where="source = 'every'")
+    assert sqlite_db.scalar("select count(*) from sensors_reading where source = 'dedupe'") == 1
+    assert d.stop() == 0
+
+
 def test_kill_9_mid_stream_loses_nothing_and_a_dedupe_key_gives_exactly_one_row(host, broker, tenant_db, tmp_path):
     n = 3000
     cfg = write_config(tmp_path / "c.toml", broker.port, extra="[dispatch]\nbatch_size = 25\n")

@@ -114,6 +114,15 @@ if os.environ.get("TENANT_HANG"):
         Reading.objects.bulk_create(rows)
 
 
+# Test hook: a second route on the dedupe topics, without a key, so that one message is a
+# duplicate for one of its routes and new for the other.
+if os.environ.get("TENANT_OVERLAP"):
+
+    @route("dedupe/{device}/telemetry", qos=1)
+    def save_every_copy(msg: Message, device: str) -> None:
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="every")
+
+
 # Test hook: a handler slower than the traffic (TENANT_SLOW_MS per message), so that the daemon
 # falls behind and its intake stays full for longer than the keepalive.
 if os.environ.get("TENANT_SLOW_MS"):
