@@ -15,7 +15,6 @@ own decoding; otherwise paho is left as it is and everything still works, only s
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Callable
 
 from paho.mqtt import _packet
@@ -115,9 +114,9 @@ class RecvBuffer:
     parsing and error handling are untouched (EOF is still ``b""``, "no data" still
     ``BlockingIOError``).
 
-    Bytes already buffered do not wake ``select()``: the owner must call ``loop_read()`` while
-    ``pending()`` is non-zero. The buffer belongs to one socket: bytes of a closed connection are
-    never served to the next one.
+    Bytes already buffered do not wake ``select()``: while ``pending()`` is non-zero the owner
+    takes packets with ``take_publish()`` or, for anything else, paho's ``loop_read()``. The
+    buffer belongs to one socket: bytes of a closed connection are never served to the next one.
     """
 
     def __init__(self, client: object) -> None:
@@ -141,15 +140,15 @@ class RecvBuffer:
             if len(data) <= bufsize:
                 return data                       # includes b"" (EOF)
             self._buf, self._pos = data, 0
-        start = self._pos
-        self._pos = start + bufsize
-        return self._buf[start:self._pos]
+        chunk = self._buf[self._pos:self._pos + bufsize]
+        self._pos += len(chunk)
+        return chunk
 
     def pending(self) -> int:
         """Bytes received from the socket and not yet handed to paho."""
         if self._client._sock is not self._sock:  # type: ignore[attr-defined]
             return 0
-        return max(0, len(self._buf) - self._pos)
+        return len(self._buf) - self._pos
 
     def take_publish(self, v5: bool) -> tuple[bytes, bytes, int, bool, int, bool, Properties | None] | None:
         """The next buffered packet, decoded, if it is a whole, well-formed QoS 0/1 PUBLISH:

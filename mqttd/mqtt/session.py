@@ -10,8 +10,11 @@ Design (see research/reliability-facts.md):
   unprocessed message. Dropped acks mean duplicates later, never loss.
 - Persistent session done right: clean_session=False on 3.1.1; clean_start=False on *every*
   connect plus an explicit SessionExpiryInterval on 5 (paho's defaults drop the session).
-- ``on_message`` only appends to the intake; when the intake is over its high-water mark the
-  thread stops reading the socket (never for long enough to miss a keepalive) instead of dropping.
+- Every PUBLISH reaches ``_on_publish``, which only appends to the intake; when the intake is
+  over its high-water mark the thread stops reading the socket (reading one packet every
+  keepalive/4, so the keepalive never lapses) instead of dropping.
+- The socket is read 64 KiB at a time and PUBLISH packets are decoded from that buffer
+  (``pahofast.RecvBuffer``); a buffer never outlives its connection.
 - A callback exception is not swallowed: it ends the network thread and the daemon's watchdog
   exits non-zero, so Supervisor restarts a clean process.
 """
