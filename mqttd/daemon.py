@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -98,7 +97,7 @@ class Daemon:
                                   key="status.metrics_port") from None
         self._signals = 0
         self._reopen = False
-        self._stop = threading.Event()
+        self._stop_requested = False
 
     # ---- glue between threads ---------------------------------------------------------------------
     def _deliver(self, msg: Message) -> None:
@@ -118,7 +117,10 @@ class Daemon:
         if self._signals > 1:
             # Second signal: now. Un-acked messages come back from the broker as duplicates.
             os._exit(128 + signum)
-        self._stop.set()
+        # A plain flag, not threading.Event.set(): the handler runs in the main thread, which may
+        # be inside Event.wait() holding the event's (non-reentrant) lock: set() would deadlock
+        # there and the daemon would never stop (seen in the test suite, reproduced in isolation).
+        self._stop_requested = True
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self._reopen = True
@@ -142,7 +144,8 @@ class Daemon:
         next_status = 0.0
         next_canary = time.monotonic() + 1.0
         try:
-            while not self._stop.wait(0.1):
+            while not self._stop_requested:
+                time.sleep(0.1)
                 now = time.monotonic()
                 if self.session.fatal is not None:
                     self._raise_fatal(self.session.fatal)
