@@ -6,16 +6,21 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
-from .errors import EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, MqttdError, UsageError
+from mqttd import __version__
+from mqttd.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, MqttdError, UsageError
 
-COMMANDS = ("run", "check", "status", "health", "replay", "deploy", "recover")
+if TYPE_CHECKING:
+    from mqttd.config import Config
+    from mqttd.identity import Identity
+
+COMMANDS = ("run", "check", "status", "health", "replay", "deploy", "recover", "assets")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         raise UsageError(f"mqttd: {message} (see mqttd --help)")
 
 
@@ -25,52 +30,67 @@ def _identity_args(p: argparse.ArgumentParser, required_project: bool = False) -
     p.add_argument("--config", help="TOML config (else $MQTTD_CONFIG, else /etc/mqttd/PROJECT.toml)")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``mqttd run``; ``python manage.py mqttd`` is built from this too."""
+    _identity_args(p)
+    p.add_argument("--daemonize", action="store_true", help="detach (never under Supervisor)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve /metrics and /healthz on this port (0: any free port; else [status] metrics_port)")
+    p.add_argument("--metrics-host", help="address for the metrics endpoint (default 127.0.0.1)")
+    p.add_argument("--log-level", default=os.environ.get("MQTTD_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (else $MQTTD_LOG_LEVEL, else INFO)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mqttd", description="One supervised MQTT -> Django ORM ingestion daemon per project.")
+    parser = _Parser(prog="mqttd", description="One supervised MQTT -> Django ORM ingestion daemon per project.",
+                     epilog="`mqttd --project NAME [options]` is short for `mqttd run --project NAME [options]`; "
+                            "`python manage.py mqttd` inside a Django project takes the same options. "
+                            "`mqttd COMMAND --help` lists a command's options.")
     parser.add_argument("--version", action="version", version=f"mqttd {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("run", help="run the daemon in the foreground (what Supervisor starts)")
-    _identity_args(p)
-    p.add_argument("--daemonize", action="store_true", help="detach (never under Supervisor)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: any free port)")
-    p.add_argument("--metrics-host", help="address for the metrics endpoint (default 127.0.0.1)")
-    p.add_argument("--log-level", default=os.environ.get("MQTTD_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_run_arguments(p)
 
     p = sub.add_parser("check", help="validate config, handlers, broker and database; consume nothing")
     _identity_args(p)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
 
     p = sub.add_parser("status", help="one row per instance")
-    p.add_argument("--project")
-    p.add_argument("--instance")
+    p.add_argument("--project", help="project name (else $MQTTD_PROJECT, else $PROJECT_NAME)")
+    p.add_argument("--instance", help="instance number (else $MQTTD_INSTANCE)")
     p.add_argument("--all", action="store_true", help="every instance in the run dir")
     p.add_argument("--inventory", help="also list the inventory's projects that are not running")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("health", help="exit 0 healthy, 1 unhealthy (reason on stdout)")
-    p.add_argument("--project")
-    p.add_argument("--instance")
+    p.add_argument("--project", help="project name (else $MQTTD_PROJECT, else $PROJECT_NAME)")
+    p.add_argument("--instance", help="instance number (else $MQTTD_INSTANCE)")
 
     p = sub.add_parser("replay", help="run dead letters again through their routes")
     _identity_args(p)
-    p.add_argument("--id", type=int, action="append", dest="ids")
+    p.add_argument("--id", type=int, action="append", dest="ids", help="only this dead letter (repeatable)")
     p.add_argument("--topic", help="only letters whose topic matches this filter")
     p.add_argument("--since", help="only letters created at or after this ISO time")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
 
     p = sub.add_parser("deploy", help="write Supervisor conf.d entries from an inventory")
-    p.add_argument("--inventory", required=True)
-    p.add_argument("--conf-dir", required=True)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--inventory", required=True, help="the inventory TOML listing the projects")
+    p.add_argument("--conf-dir", required=True, help="Supervisor's conf.d directory to write into")
+    p.add_argument("--dry-run", action="store_true", help="show the changes; write nothing")
     p.add_argument("--apply", action="store_true", help="make supervisord reread and update")
-    p.add_argument("--supervisor-url")
+    p.add_argument("--supervisor-url", help="supervisord's XML-RPC URL for --apply (else $SUPERVISOR_SERVER_URL, "
+                   "else unix:///var/run/supervisor.sock)")
 
     p = sub.add_parser("recover", help="restart instances that are down or unhealthy, through Supervisor")
-    p.add_argument("--inventory", required=True)
-    p.add_argument("--supervisor-url")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--inventory", required=True, help="the inventory TOML listing the projects")
+    p.add_argument("--supervisor-url", help="supervisord's XML-RPC URL (else $SUPERVISOR_SERVER_URL, "
+                   "else unix:///var/run/supervisor.sock)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be restarted; restart nothing")
+
+    p = sub.add_parser("assets", help="print a shipped deployment asset (systemd, logrotate, alerts, dashboard)")
+    p.add_argument("--list", action="store_true", help="list the assets (the default without NAME)")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the asset to print, e.g. systemd (see --list)")
     return parser
 
 
@@ -81,51 +101,59 @@ def _normalise(argv: list[str]) -> list[str]:
     return ["run", *argv]
 
 
-def _identity(args: argparse.Namespace):
-    from .identity import from_args
+def load_target(opts: Mapping[str, Any]) -> tuple[Identity, Config]:
+    """The instance and its config, from ``--project``/``--instance``/``--config`` (else the
+    environment), with ``--metrics-port``/``--metrics-host`` applied when given. One function for
+    every command and for ``python manage.py mqttd``, so that they cannot read them differently."""
+    from mqttd.config import config_path, load
+    from mqttd.identity import from_args
 
-    return from_args(args.project, args.instance, os.environ)
-
-
-def _config(args: argparse.Namespace, identity):
-    from .config import config_path, load
-
-    return load(config_path(args.config, identity, os.environ), os.environ)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from . import daemon
-
-    identity = _identity(args)
-    config = _config(args, identity)
-    if args.metrics_port is not None or args.metrics_host:
+    identity = from_args(opts.get("project"), opts.get("instance"), os.environ)
+    config = load(config_path(opts.get("config"), identity, os.environ), os.environ)
+    port, host = opts.get("metrics_port"), opts.get("metrics_host")
+    if port is not None or host:
         import dataclasses
 
-        st = dataclasses.replace(config.status,
-                                 metrics_port=args.metrics_port if args.metrics_port is not None else config.status.metrics_port,
-                                 metrics_host=args.metrics_host or config.status.metrics_host)
+        st = dataclasses.replace(config.status, metrics_port=port if port is not None else config.status.metrics_port,
+                                 metrics_host=host or config.status.metrics_host)
         config = dataclasses.replace(config, status=st)
-    if args.daemonize:
+    return identity, config
+
+
+def run_daemon(opts: Mapping[str, Any], *, setup_django: bool = True) -> int:
+    """``mqttd run`` and ``python manage.py mqttd`` (which has set Django up already)."""
+    from mqttd.daemon import run as daemon
+
+    identity, config = load_target(opts)
+
+    def body() -> int:
+        return daemon.run(identity, config, setup_django=setup_django, log_level=opts.get("log_level") or "INFO")
+
+    if opts.get("daemonize"):
         if os.environ.get("SUPERVISOR_ENABLED"):
             print(f"mqttd[{identity.name}]: warning: --daemonize ignored under Supervisor "
                   "(it watches the pid it started)", file=sys.stderr)
         else:
-            from .daemonize import detach
+            from mqttd.daemon.daemonize import detach
 
-            return detach(identity, lambda: daemon.run(identity, config, log_level=args.log_level))
-    return daemon.run(identity, config, log_level=args.log_level)
+            return detach(identity, body)
+    return body()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_daemon(vars(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check
+    from mqttd.ops.check import check
 
-    identity = _identity(args)
-    return check(identity, _config(args, identity), timeout=args.timeout)
+    identity, config = load_target(vars(args))
+    return check(identity, config, timeout=args.timeout)
 
 
 def _selected(args: argparse.Namespace):
-    from .identity import derive, from_args
-    from .status import instances_in
+    from mqttd.daemon.status import instances_in
+    from mqttd.identity import derive, from_args
 
     if args.project or os.environ.get("MQTTD_PROJECT") or os.environ.get("PROJECT_NAME"):
         if getattr(args, "all", False):
@@ -140,12 +168,12 @@ def _selected(args: argparse.Namespace):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import row
+    from mqttd.daemon.status import row
 
     idents = _selected(args)
     rows = [row(i) for i in idents]
     if args.inventory:
-        from .inventory import load_inventory
+        from mqttd.deploy.inventory import load_inventory
 
         seen = {r["name"] for r in rows}
         for ident in load_inventory(args.inventory).identities(os.environ):
@@ -158,12 +186,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["healthy"] for r in rows) else EXIT_UNHEALTHY
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "no mqttd instances found"
     cols = [("NAME", "name"), ("STATE", "state"), ("PID", "pid"), ("UP", "uptime_s"), ("CONN", "connected"),
             ("LAST MSG", "last_message_age_s"), ("RATE/s", "rate_1m"), ("BACKLOG", "backlog"),
             ("DEAD", "dead_letters"), ("RECONN", "reconnects"), ("GAPS", "session_gaps"),
+            ("PUB GAPS", "publisher_gaps"),
             ("CANARY", "canary_age_s"), ("HEALTH", "reason")]
 
     def fmt(v: object) -> str:
@@ -181,35 +210,54 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .status import row
+    from mqttd.daemon.status import row
+    from mqttd.identity import from_args
 
-    r = row(_identity(args))
+    r = row(from_args(args.project, args.instance, os.environ))
     print(f"{r['name']}: {'healthy' if r['healthy'] else 'unhealthy'}: {r['reason']}")
     return EXIT_OK if r["healthy"] else EXIT_UNHEALTHY
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay
+    from mqttd.ops.replay import replay
 
-    identity = _identity(args)
-    return replay(identity, _config(args, identity), ids=args.ids, topic=args.topic, since=args.since,
+    identity, config = load_target(vars(args))
+    return replay(identity, config, ids=args.ids, topic=args.topic, since=args.since,
                   dry_run=args.dry_run)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .deploy import deploy
+    from mqttd.deploy.apply import deploy
 
     return deploy(args)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from .recover import recover
+    from mqttd.ops.recover import recover
 
     return recover(args)
 
 
+def cmd_assets(args: argparse.Namespace) -> int:
+    """`mqttd assets [--list | NAME]`: the files of deploy/, as shipped inside the package."""
+    from mqttd import assets
+
+    if args.list or not args.name:
+        sys.stdout.write(assets.listing())
+        return EXIT_OK
+    asset = assets.find(args.name)
+    if asset is None:
+        raise UsageError(f"mqttd: unknown asset {args.name!r}; choose one of: "
+                         f"{', '.join(a.name for a in assets.ASSETS)} (mqttd assets --list)")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(assets.read_bytes(asset))
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
 HANDLERS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "health": cmd_health,
-            "replay": cmd_replay, "deploy": cmd_deploy, "recover": cmd_recover}
+            "replay": cmd_replay, "deploy": cmd_deploy, "recover": cmd_recover,
+            "assets": cmd_assets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - unexpected: one line, traceback only on request
         print(f"mqttd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         if os.environ.get("MQTTD_DEBUG"):
             traceback.print_exc()
-        return 1
+        return EXIT_FAILURE

@@ -1,4 +1,4 @@
-"""The TOML configuration, validated once into frozen objects (SPEC §4).
+"""The TOML configuration, validated once into frozen objects (docs/configuration.md).
 
 Every error names the file, the key and the reason, and exits 78. Secrets come only from
 ``broker.password_file`` or ``MQTTD_BROKER_PASSWORD``; the password is kept out of every repr.
@@ -8,39 +8,23 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .identity import Identity
+# BrokerConfig, TLSConfig and parse_broker live in config_broker, RANGES in config_ranges; they are
+# re-exported (``X as X``) because the daemon, the publisher, the tools and the tests import them
+# from here, the module that is the configuration's one entry point.
+from mqttd.config_broker import BrokerConfig as BrokerConfig
+from mqttd.config_broker import TLSConfig as TLSConfig
+from mqttd.config_broker import parse_broker as parse_broker
+from mqttd.config_broker import read_broker
+from mqttd.config_ranges import RANGES as RANGES
+from mqttd.config_ranges import Reader
+from mqttd.errors import ConfigError
+from mqttd.identity import Identity
 
 DEFAULT_CONFIG_DIR = "/etc/mqttd"
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    insecure: bool = False          # skip host-name verification (never the chain); off by default
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    protocol: str = "5"
-    keepalive: int = 60
-    session_expiry: int = 86400
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    client_id: str | None = None
-    tls: TLSConfig | None = None
-    shared_group: str | None = None
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
-    receive_maximum: int | None = None   # None: twice the batch size
 
 
 @dataclass(frozen=True)
@@ -52,9 +36,12 @@ class DjangoConfig:
 @dataclass(frozen=True)
 class Subscription:
     topic: str
-    handler: str
+    handler: str | None = None        # a dotted path or "mqttd.inbox"; or, instead, a model:
     qos: int = 1
     batch: bool = False
+    model: str | None = None          # "app_label.Model": a model route (docs/handlers.md), no handler code
+    fields: tuple[tuple[str, str], ...] = ()   # (model field, value spec): "{param}", "$.a.b", "$topic", ...
+    dedupe: str | None = None         # a value spec giving the exactly-once key, e.g. "$.id"
 
 
 @dataclass(frozen=True)
@@ -73,6 +60,7 @@ class StatusConfig:
     canary_interval: float = 10.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    gap_settle_s: float = 60.0      # mqttd.ingest.gaps: how long a hole may wait for a late message
 
 
 @dataclass(frozen=True)
@@ -91,125 +79,35 @@ def config_path(arg: str | None, identity: Identity, env: Mapping[str, str]) -> 
     return Path(chosen) if chosen else Path(DEFAULT_CONFIG_DIR) / f"{identity.project}.toml"
 
 
-class _Reader:
-    """Takes typed values out of one TOML table, naming file and key in every error."""
-
-    def __init__(self, file: str, prefix: str, table: Any) -> None:
-        self.file, self.prefix = file, prefix
-        if not isinstance(table, dict):
-            raise ConfigError("must be a table", file=file, key=prefix)
-        self.table = dict(table)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(reason, file=self.file, key=self.key(name))
-
-    def take(self, name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
-        if name not in self.table:
-            return default
-        value = self.table.pop(name)
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
-            want = " or ".join(k.__name__ for k in kinds)
-            raise self.error(name, f"must be {want}, not {type(value).__name__} {value!r}")
-        return value
-
-    def positive(self, name: str, kinds: type | tuple[type, ...], default: Any, minimum: float = 1) -> Any:
-        value = self.take(name, kinds, default)
-        if value is not None and value < minimum:
-            raise self.error(name, f"must be at least {minimum}, not {value}")
-        return value
-
-    def done(self) -> None:
-        if self.table:
-            name = sorted(self.table)[0]
-            hint = ""
-            if name == "password":
-                hint = " (put the password in password_file or MQTTD_BROKER_PASSWORD, never in this file)"
-            raise self.error(name, f"unknown key{hint}")
-
-
-def _read_password(broker: _Reader, env: Mapping[str, str]) -> str | None:
-    path = broker.take("password_file", str)
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise broker.error("password_file", f"cannot read {path}: {exc.strerror}") from None
-    return env.get("MQTTD_BROKER_PASSWORD") or None
-
-
-def _broker(r: _Reader, env: Mapping[str, str]) -> BrokerConfig:
-    protocol = str(r.take("protocol", (str, int, float), "5"))
-    if protocol not in ("5", "3.1.1", "311"):
-        raise r.error("protocol", f'must be "5" or "3.1.1", not {protocol!r}')
-    tls_table = r.take("tls", dict)
-    tls = None
-    if tls_table is not None:
-        t = _Reader(r.file, r.key("tls"), tls_table)
-        tls = TLSConfig(t.take("ca_certs", str), t.take("certfile", str), t.take("keyfile", str),
-                        t.take("insecure", bool, False))
-        t.done()
-        for name in ("ca_certs", "certfile", "keyfile"):
-            value = getattr(tls, name)
-            if value and not os.access(value, os.R_OK):
-                raise ConfigError(f"cannot read {value}", file=r.file, key=f"{r.key('tls')}.{name}")
-    group = r.take("shared_group", str)
-    if group is not None and (not group or any(c in group for c in "/+#")):
-        raise r.error("shared_group", "must be a non-empty name without '/', '+' or '#'")
-    cfg = BrokerConfig(
-        host=r.take("host", str, "127.0.0.1"),
-        port=r.positive("port", int, 8883 if tls else 1883),
-        protocol="3.1.1" if protocol == "311" else protocol,
-        keepalive=r.positive("keepalive", int, 60, minimum=5),
-        session_expiry=r.positive("session_expiry", int, 86400),
-        username=r.take("username", str),
-        password=_read_password(r, env),
-        client_id=r.take("client_id", str),
-        tls=tls,
-        shared_group=group,
-        reconnect_min=r.positive("reconnect_min", (int, float), 1.0, minimum=0.05),
-        reconnect_max=r.positive("reconnect_max", (int, float), 60.0, minimum=0.05),
-        receive_maximum=r.positive("receive_maximum", int, None),
-    )
-    if cfg.port > 65535:
-        raise r.error("port", f"must be at most 65535, not {cfg.port}")
-    if cfg.client_id is not None and not (0 < len(cfg.client_id) <= 128):
-        raise r.error("client_id", "must be 1-128 characters")
-    r.done()
-    return cfg
-
-
-def parse_broker(table: Mapping[str, Any], file: str, key: str, env: Mapping[str, str]) -> BrokerConfig:
-    """Validate a broker table found elsewhere (e.g. Django's settings.MQTTD_PUBLISHER)."""
-    return _broker(_Reader(file, key, table), env)
-
-
 def _subscription(file: str, index: int, table: Any) -> Subscription:
-    r = _Reader(file, f"subscribe[{index}]", table)
-    topic, handler = r.take("topic", str), r.take("handler", str)
+    r = Reader(file, f"subscribe[{index}]", table)
+    topic, handler, model = r.take("topic", str), r.take("handler", str), r.take("model", str)
     if not topic:
         raise r.error("topic", "is required")
-    if not handler:
-        raise r.error("handler", 'is required (a dotted path, or "mqttd.inbox")')
-    qos = r.take("qos", int, 1)
-    if qos not in (0, 1, 2):
-        raise r.error("qos", f"must be 0, 1 or 2, not {qos}")
-    sub = Subscription(topic=topic, handler=handler, qos=qos, batch=r.take("batch", bool, False))
+    if handler is not None and model is not None:
+        raise r.error("model", "and handler exclude each other: a model route stores rows without handler code")
+    if not handler and not model:
+        raise r.error("handler", 'is required (a dotted path, or "mqttd.inbox"), or model and fields')
+    fields = r.take("fields", dict)
+    if model is not None and not fields:
+        raise r.error("fields", 'is required with model: { field = "{param}" | "$.json.path" | "$topic" | '
+                                '"$payload" | "$received_at", ... }')
+    if fields is not None and model is None:
+        raise r.error("fields", "belongs to a model route (model = \"app_label.Model\")")
+    for name, spec in (fields or {}).items():
+        if not isinstance(spec, str):
+            raise r.error(f"fields.{name}", f"must be str (a value spec), not {type(spec).__name__} {spec!r}")
+    qos = r.number("qos", int, 1, "subscribe")
+    sub = Subscription(topic=topic, handler=handler, qos=qos, batch=r.take("batch", bool, False), model=model,
+                       fields=tuple((fields or {}).items()), dedupe=r.take("dedupe", str))
     r.done()
     return sub
 
 
 def parse(data: Mapping[str, Any], file: str, env: Mapping[str, str]) -> Config:
     """Validate an already-parsed TOML document."""
-    top = _Reader(file, "", data)
-    dj = _Reader(file, "django", top.take("django", dict, {}))
+    top = Reader(file, "", data)
+    dj = Reader(file, "django", top.take("django", dict, {}))
     pythonpath = dj.take("pythonpath", (list, str), [])
     if isinstance(pythonpath, str):
         pythonpath = [pythonpath]
@@ -217,30 +115,61 @@ def parse(data: Mapping[str, Any], file: str, env: Mapping[str, str]) -> Config:
         raise dj.error("pythonpath", "must be a list of directory names")
     django_cfg = DjangoConfig(settings=dj.take("settings", str), pythonpath=tuple(pythonpath))
     dj.done()
-    broker = _broker(_Reader(file, "broker", top.take("broker", dict, {})), env)
+    # A dedupe key carried in an MQTT 5 user property needs MQTT 5: such a project defaults to "5",
+    # never to "auto" (a fall back to 3.1.1 would silently stop every dedupe).
+    raw_dispatch = data.get("dispatch")
+    keyed = isinstance(raw_dispatch, Mapping) and raw_dispatch.get("dedupe_property") is not None
+    broker = read_broker(Reader(file, "broker", top.take("broker", dict, {})), env, "5" if keyed else "auto")
     subs = top.take("subscribe", list, [])
     subscribe = tuple(_subscription(file, i, t) for i, t in enumerate(subs))
-    d = _Reader(file, "dispatch", top.take("dispatch", dict, {}))
+    d = Reader(file, "dispatch", top.take("dispatch", dict, {}))
     dispatch = DispatchConfig(
-        batch_size=d.positive("batch_size", int, 500),
-        batch_linger_ms=d.positive("batch_linger_ms", int, 10, minimum=0),
-        max_backlog=d.positive("max_backlog", int, 5000),
+        batch_size=d.number("batch_size", int, 500),
+        batch_linger_ms=d.number("batch_linger_ms", int, 10),
+        max_backlog=d.number("max_backlog", int, 5000),
         dedupe_property=d.take("dedupe_property", str),
-        max_payload=d.positive("max_payload", int, 0, minimum=0),
-        handler_timeout=d.positive("handler_timeout", (int, float), 60.0, minimum=0.1),
+        max_payload=d.number("max_payload", int, 0),
+        handler_timeout=d.number("handler_timeout", (int, float), 60.0),
     )
     d.done()
-    s = _Reader(file, "status", top.take("status", dict, {}))
+    if dispatch.dedupe_property is not None and broker.protocol != "5":
+        raise ConfigError(f'must be "5" with dispatch.dedupe_property (user properties exist only in MQTT 5), '
+                          f'not {broker.protocol!r}', file=file, key="broker.protocol")
+    s = Reader(file, "status", top.take("status", dict, {}))
     status = StatusConfig(
-        interval=s.positive("interval", (int, float), 2.0, minimum=0.1),
-        canary_interval=s.positive("canary_interval", (int, float), 10.0, minimum=0.1),
-        metrics_port=s.positive("metrics_port", int, None, minimum=0),
+        interval=s.number("interval", (int, float), 2.0),
+        canary_interval=s.number("canary_interval", (int, float), 10.0),
+        metrics_port=s.number("metrics_port", int, None),
         metrics_host=s.take("metrics_host", str, "127.0.0.1"),
+        gap_settle_s=s.number("gap_settle_s", (int, float), 60.0),
     )
     s.done()
     top.done()
     return Config(path=Path(file), django=django_cfg, broker=broker, subscribe=subscribe,
                   dispatch=dispatch, status=status)
+
+
+CANARY_HEALTH_WINDOW_S = 60.0       # status.CANARY_MAX_AGE_S: health wants a round trip this recent
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what the operator wants: said by `mqttd check`
+    and logged by `mqttd run` at start, never refused."""
+    out = []
+    b, d = config.broker, config.dispatch
+    if b.session_expiry == 0 and b.protocol != "3.1.1":
+        out.append("broker.session_expiry = 0: the broker ends the session with the connection, so messages "
+                   "published while mqttd is disconnected or restarting are lost (the persistent session is "
+                   "what keeps them); set it to at least the longest outage to ride out (default 86400)")
+    if b.receive_maximum is not None and b.receive_maximum < d.batch_size:
+        out.append(f"broker.receive_maximum ({b.receive_maximum}) is below dispatch.batch_size ({d.batch_size}): "
+                   "messages are acked only after their batch commits, so no batch can grow past "
+                   f"{b.receive_maximum}; batches flush on dispatch.batch_linger_ms instead")
+    if config.status.canary_interval >= CANARY_HEALTH_WINDOW_S:
+        out.append(f"status.canary_interval = {config.status.canary_interval:g}s: health wants a canary round "
+                   f"trip in the last {CANARY_HEALTH_WINDOW_S:g}s, so this instance is reported unhealthy "
+                   "between canaries")
+    return out
 
 
 def load(path: Path, env: Mapping[str, str] | None = None) -> Config:

@@ -1,23 +1,27 @@
 """Every expected failure of mqttd is one of these classes, and each knows its exit code.
 
 The CLI maps an ``MqttdError`` to ``exit_code`` and prints ``str(error)`` on one line; nothing
-else in the package calls ``sys.exit``. Codes follow sysexits(3) where one fits.
+else in the package calls ``sys.exit``. Codes follow sysexits(3) where one fits. Every exit code
+of the package is one of the names below (no literal elsewhere).
 """
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_UNHEALTHY = 1          # `mqttd health`: unhealthy; generic failure elsewhere
+EXIT_FAILURE = 1            # generic failure (one line on stderr)
+EXIT_UNHEALTHY = 1          # `mqttd health` / `status`: unhealthy
 EXIT_USAGE = 2              # bad arguments or an invalid project name
 EXIT_SOFTWARE = 70          # internal failure the watchdog caught (EX_SOFTWARE)
 EXIT_TAKEOVER = 73          # another client keeps taking our client id (EX_CANTCREAT)
 EXIT_LOCKED = 75            # another instance holds the lock (EX_TEMPFAIL)
 EXIT_CONFIG = 78            # configuration error (EX_CONFIG)
+EXIT_SIGNAL_BASE = 128      # killed by signal N: 128 + N (a second SIGTERM exits at once with this)
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + 2     # Ctrl-C (SIGINT) outside the daemon
 
 
 class MqttdError(Exception):
     """Root of all expected errors. ``str()`` is the one-line message the user sees."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class UsageError(MqttdError):
@@ -69,7 +73,7 @@ class TakeoverDetected(MqttdError):
 class DeployError(MqttdError):
     """An inventory or Supervisor problem found by `deploy` or `recover`."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class SupervisorError(DeployError):
@@ -81,7 +85,17 @@ class SupervisorError(DeployError):
         super().__init__(message)
 
 
+class HandlerContractError(MqttdError):
+    """A handler left the batch transaction unusable (swallowed a database error, closed the
+    connection, committed or rolled back itself). Its message becomes a dead letter with this
+    error; ``lost`` says the whole transaction is gone, so the batch runs again without it."""
+
+    def __init__(self, message: str, *, lost: bool = False) -> None:
+        self.lost = lost
+        super().__init__(message)
+
+
 class PublishError(MqttdError):
     """A publish was not confirmed by the broker within its timeout."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE

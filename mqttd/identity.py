@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidName, UsageError
+from mqttd.errors import InvalidName, UsageError
 
 NAME_RULE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _NAME_RE = re.compile(NAME_RULE)
@@ -97,13 +97,13 @@ class Identity:
     def owner_topic(self, client_id: str) -> str:
         """Retained ``host:pid:start`` of the process using ``client_id``: evidence of a twin.
 
-        Per client id, not per name: the same project on several hosts (SPEC §8) has one name
+        Per client id, not per name: the same project on several hosts (docs/deployment.md, 'Scale-out') has one name
         and several client ids, and those are not twins."""
         return f"mqttd/{self.name}/owner/{re.sub(r'[^A-Za-z0-9_.-]', '_', client_id)}"
 
 
 def resolve_project(arg: str | None, env: Mapping[str, str]) -> str:
-    """--project, else MQTTD_PROJECT, else PROJECT_NAME (SPEC §2)."""
+    """--project, else MQTTD_PROJECT, else PROJECT_NAME."""
     for value in (arg, env.get("MQTTD_PROJECT"), env.get("PROJECT_NAME")):
         if value is not None:
             return validate_name(value)

@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Subscription
-from .errors import ConfigError
-from .message import Message
-from .topics import TopicFilter
+from mqttd.config import Subscription
+from mqttd.errors import ConfigError
+from mqttd.ingest.typed import Payload, payload_param
+from mqttd.message import Message
+from mqttd.topics import TopicFilter
 
 log = logging.getLogger("mqttd.router")
 
@@ -34,6 +35,21 @@ class Route:
     dedupe: DedupeFn | None = None
     name: str = ""                    # stable id: "module.function" (used for dead letters and dedupe keys)
     builtin: bool = False
+    payload: Payload | None = None    # the typed payload parameter (mqttd.ingest.typed), or a model route's rows
+
+    def invoke(self, msgs: list[Message]) -> Any:
+        """Call the handler the way it is declared: the list for a ``batch=True`` route, else the
+        one message with its topic parameters as keyword arguments; a typed payload as the
+        keyword argument its parameter names (a list aligned with ``msgs`` for a batch)."""
+        p = self.payload
+        if self.batch:
+            if p is None:
+                return self.handler(msgs)
+            return self.handler(msgs, **{p.param: [p.value(m) for m in msgs]})
+        msg = msgs[0]
+        if p is None:
+            return self.handler(msg, **msg.params)
+        return self.handler(msg, **msg.params, **{p.param: p.value(msg)})
 
     @property
     def subscribe_qos(self) -> int:
@@ -49,15 +65,17 @@ def _handler_name(fn: Handler) -> str:
 
 
 def route(topic: str, qos: int = 1, batch: bool = False, dedupe: DedupeFn | None = None) -> Callable[[Handler], Handler]:
-    """Register ``fn`` for ``topic``; ``{name}`` is one level, ``{name...}`` the rest (SPEC §5)."""
+    """Register ``fn`` for ``topic``; ``{name}`` is one level, ``{name...}`` the rest (docs/handlers.md)."""
     if qos not in (0, 1, 2):
         raise ConfigError(f"@route({topic!r}): qos must be 0, 1 or 2, not {qos!r}")
     tf = TopicFilter.parse(topic)
 
     def register(fn: Handler) -> Handler:
+        name = _handler_name(fn)
+        payload = payload_param(fn, batch, name, frozenset(n for n in tf.names if n))
         if not batch:
             _check_params(fn, tf)
-        _registry.append(Route(tf, fn, qos, batch, dedupe, _handler_name(fn)))
+        _registry.append(Route(tf, fn, qos, batch, dedupe, name, payload=payload))
         return fn
 
     return register
@@ -94,7 +112,7 @@ def discover() -> None:
 
 def resolve_handler(path: str, where: str) -> Handler:
     if path == "mqttd.inbox":
-        from .django.inbox import inbox
+        from mqttd.django.inbox import inbox
 
         return inbox
     module_name, _, attr = path.rpartition(".")
@@ -111,15 +129,34 @@ def resolve_handler(path: str, where: str) -> Handler:
 
 
 def routes_from_config(subs: Iterable[Subscription], file: str | None = None) -> list[Route]:
+    """Routes of the ``[[subscribe]]`` tables: a handler, or a model and its fields (a model route,
+    mqttd.ingest.modelroute; Django must be set up). Every error names the file and the key."""
     routes = []
     for i, sub in enumerate(subs):
+        tf = TopicFilter.parse(sub.topic)
+        dedupe = None
+        if sub.dedupe is not None:
+            from mqttd.ingest.modelroute import dedupe_key
+
+            dedupe = dedupe_key(sub.dedupe, tf, file, f"subscribe[{i}].dedupe")
+        if sub.model is not None:
+            from mqttd.ingest.modelroute import model_route
+
+            handler, rows = model_route(sub.model, sub.fields, tf, file, f"subscribe[{i}]")
+            # The name (dead letters, dedupe keys) says the model and the topic: two routes may fill one model.
+            routes.append(Route(tf, handler, sub.qos, True, dedupe, f"model:{sub.model}:{sub.topic}", payload=rows))
+            continue
+        assert sub.handler is not None     # config: handler or model
         where = f"{file + ': ' if file else ''}subscribe[{i}].handler"
         fn = resolve_handler(sub.handler, where)
         batch = sub.batch or getattr(fn, "mqttd_batch", False)
-        tf = TopicFilter.parse(sub.topic)
+        try:
+            payload = payload_param(fn, batch, sub.handler, frozenset(n for n in tf.names if n))
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, key=where) from None
         if not batch:
             _check_params(fn, tf)
-        routes.append(Route(tf, fn, sub.qos, batch, None, sub.handler))
+        routes.append(Route(tf, fn, sub.qos, batch, dedupe, sub.handler, payload=payload))
     return routes
 
 
@@ -149,7 +186,8 @@ class Router:
         """The covering set of (subscription string, qos) to send to the broker."""
         by_group: dict[str | None, list[tuple[TopicFilter, int]]] = {}
         for r in self.routes:
-            group = None if r.builtin else (r.topic.share_group or self.share_group)
+            # A builtin route (the canary) is shared only through a group of its own, if at all.
+            group = r.topic.share_group if r.builtin else (r.topic.share_group or self.share_group)
             by_group.setdefault(group, []).append((r.topic, r.subscribe_qos))
         result: list[tuple[str, int]] = []
         for group, items in by_group.items():
@@ -167,4 +205,6 @@ class Router:
         return result
 
     def describe(self) -> list[str]:
-        return [f"{r.topic.pattern} -> {r.name}{' (batch)' if r.batch else ''} qos={r.qos}" for r in self.routes]
+        return [f"{r.topic.pattern} -> {r.name}{' (batch)' if r.batch else ''} qos={r.qos}"
+                f"{f' payload: {r.payload.kind}' if r.payload else ''}{' dedupe' if r.dedupe else ''}"
+                for r in self.routes]

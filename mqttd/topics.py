@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from mqttd.errors import ConfigError
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
 
@@ -22,7 +22,7 @@ class TopicFilter:
     share_group: str | None = None
 
     @classmethod
-    def parse(cls, pattern: str, share_group: str | None = None) -> "TopicFilter":
+    def parse(cls, pattern: str, share_group: str | None = None) -> TopicFilter:
         text = pattern
         if text.startswith("$share/"):
             parts = text.split("/", 2)
@@ -95,7 +95,7 @@ class TopicFilter:
                 return None
         return params if n == len(levels) else None
 
-    def covers(self, other: "TopicFilter") -> bool:
+    def covers(self, other: TopicFilter) -> bool:
         """True if every topic ``other`` matches is matched by this filter too."""
         b = other.levels
         for i, a in enumerate(self.levels):

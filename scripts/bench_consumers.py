@@ -72,8 +72,8 @@ def main() -> int:
 def orm_alone(kind: str, n: int, Reading) -> int:  # noqa: ANN001, N803
     from django.db import transaction
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from support.publish import ble_payload
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # lab
+    from lab.publish import ble_payload
 
     payloads = [(f"ble-{i % 50 + 1:04d}", ble_payload(i)) for i in range(n)]
     t_first = time.time()

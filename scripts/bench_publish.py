@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """QoS 1 publish throughput: mqttd's per-process publisher against a client per call.
 
-Starts a private mosquitto on a free port (tests/support/broker.py), then measures:
-- one process, several threads, one shared ``mqttd.Publisher``;
+Starts a private mosquitto on a free port (scripts/lab/broker.py), then measures:
+- one process, several threads, one shared ``mqttd.Publisher``, each ``publish()`` waiting for its
+  PUBACK (the baseline of the ratios);
+- one thread, one ``Publisher.publish_many`` of all N: pipelined up to the in-flight window, every
+  message confirmed (over MQTT 3.1.1, and over MQTT 5 with the gap-detection stamp);
+- one thread, N ``publish(wait=False)`` then a wait on every handle;
 - a prefork-style pool: the parent publishes once, then forks 4 processes that each publish N/4
   through the module-level ``mqttd.publish`` (what a Celery prefork worker does);
 - the anti-pattern: a new paho client per message (connect, publish, wait, disconnect).
-Connections opened are counted from the broker's log; deliveries by a subscriber.
+Connections opened (first round) are counted from the broker's log; deliveries by a mosquitto_sub.
+CPU per message (median of the rounds): of this process and its forked children ("client"), and of
+the broker (from /proc: Linux only), which also forwards every message to the mosquitto_sub.
 
-    .venv/bin/python scripts/bench_publish.py [--n 10000] [--per-call 500] [--threads 8] [--procs 4]
+    .venv/bin/python scripts/bench_publish.py [--n 10000] [--per-call 500] [--threads 8] [--procs 4] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import argparse
 import multiprocessing
 import os
 import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,42 +32,62 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from support.broker import Broker  # noqa: E402
+from lab.broker import Broker  # noqa: E402
 
 _CONNECTED = re.compile(r"New client connected from \S+ as \S+ \(")
 
 
 class Counter:
-    """A subscriber counting what arrives under ``bench/#``, per phase topic."""
+    """What arrives under ``bench/#``, per phase topic, counted by a ``mosquitto_sub`` process: a
+    paho subscriber in this process would take the GIL from the publisher being measured (it
+    halved the pipelined rows)."""
 
-    def __init__(self, port: int) -> None:
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-        ready = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-counter", protocol=paho.MQTTv311)
-        self.client.on_connect = lambda c, *a: c.subscribe("bench/#", qos=1)
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port, 60)
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise SystemExit("bench: the counting subscriber could not subscribe")
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.path = workdir / "received.txt"
+        self._out = open(self.path, "wb")      # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", "bench/#",
+                                      "-q", "1", "-i", "bench-counter", "-F", "%t"], stdout=self._out)
+        deadline = time.monotonic() + 10
+        while "bench-counter" not in _broker_log(workdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
-    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        with self._lock:
-            self.counts[msg.topic] = self.counts.get(msg.topic, 0) + 1
+    def count(self, topic: str) -> int:
+        return sum(1 for line in self.path.read_bytes().splitlines() if line == topic.encode())
 
     def wait(self, topic: str, n: int, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.counts.get(topic, 0) < n:
-            time.sleep(0.02)
+        while time.monotonic() < deadline and self.count(topic) < n:
+            time.sleep(0.1)
         time.sleep(0.2)
-        return self.counts.get(topic, 0)
+        return self.count(topic)
+
+    def close(self) -> None:
+        self.proc.terminate()        # the mosquitto_sub we started, by its PID
+        self.proc.wait(10)
+        self._out.close()
+
+
+def _broker_log(workdir: Path) -> str:
+    log = workdir / "broker" / "mosquitto.log"
+    return log.read_text() if log.exists() else ""
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its children that were waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def broker_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def with_threads(fn: Callable[[int, int], None], n: int, threads: int) -> None:
@@ -83,6 +111,28 @@ def bench_publisher(port: int, n: int, threads: int) -> None:
             pub.publish(topic, f"{t}:{i}", qos=1)
 
     with_threads(work, n, threads)
+    pub.close()
+
+
+def bench_many(port: int, n: int, protocol: str) -> None:
+    import mqttd
+    from mqttd.config import BrokerConfig
+
+    pub = mqttd.Publisher(BrokerConfig(host="127.0.0.1", port=port, protocol=protocol), project="bench")
+    confirms = pub.publish_many((f"bench/many-{protocol}", f"{i}") for i in range(n))
+    if not all(c.confirmed for c in confirms):
+        raise SystemExit("bench: publish_many returned with unconfirmed messages")
+    pub.close()
+
+
+def bench_nowait(port: int, n: int) -> None:
+    import mqttd
+    from mqttd.config import BrokerConfig
+
+    pub = mqttd.Publisher(BrokerConfig(host="127.0.0.1", port=port), project="bench")
+    handles = [pub.publish("bench/nowait", f"{i}", wait=False) for i in range(n)]
+    for h in handles:
+        h.wait(30)
     pub.close()
 
 
@@ -132,6 +182,7 @@ def main() -> None:
     ap.add_argument("--per-call", type=int, default=500)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp:
@@ -143,41 +194,70 @@ def main() -> None:
         toml = Path(tmp) / "bench.toml"
         toml.write_text(f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nprotocol = "5"\n')
         os.environ.update(MQTTD_CONFIG=str(toml), MQTTD_PROJECT="bench")
-        counter = Counter(broker.port)
+        counter = Counter(broker.port, Path(tmp))
         rows = []
         try:
             phases = [
                 (f"mqttd.Publisher, 1 process x {args.threads} threads", "bench/publisher", args.n,
                  lambda: bench_publisher(broker.port, args.n, args.threads)),
+                ("publish_many, 1 thread (MQTT 3.1.1)", "bench/many-3.1.1", args.n,
+                 lambda: bench_many(broker.port, args.n, "3.1.1")),
+                ("publish_many, 1 thread (MQTT 5, stamped)", "bench/many-5", args.n,
+                 lambda: bench_many(broker.port, args.n, "5")),
+                ("publish(wait=False), 1 thread", "bench/nowait", args.n,
+                 lambda: bench_nowait(broker.port, args.n)),
                 (f"mqttd.publish, prefork {args.procs} processes", "bench/prefork", args.n,
                  lambda: bench_prefork(args.n, args.procs)),
                 ("paho client per call", "bench/per-call", args.per_call,
                  lambda: bench_per_call(broker.port, args.per_call)),
             ]
-            for label, topic, n, run in phases:
-                before = len(_CONNECTED.findall(broker.log()))
-                started = time.perf_counter()
-                extra = run() or 0
-                elapsed = time.perf_counter() - started
-                delivered = counter.wait(topic, n + extra) - extra
-                time.sleep(0.3)               # let mosquitto write its log
-                opened = len(_CONNECTED.findall(broker.log())) - before
-                rows.append((label, n, n / elapsed, opened, delivered))
+            # Rounds, each phase once per round in turn: on a shared machine the load moves within
+            # seconds, so a ratio is taken within a round and the median of the rounds reported.
+            stats: dict[str, dict] = {label: {"rates": [], "ratios": [], "opened": None, "sent": 0, "extra": 0,
+                                              "cpu": [], "broker_cpu": []} for label, *_ in phases}
+            for _ in range(args.rounds):
+                base = None
+                for label, topic, n, run in phases:
+                    before = len(_CONNECTED.findall(broker.log()))
+                    assert broker.proc is not None
+                    cpu, bcpu, started = cpu_seconds(), broker_cpu_seconds(broker.proc.pid), time.perf_counter()
+                    stats[label]["extra"] += run() or 0
+                    rate = n / (time.perf_counter() - started)
+                    stats[label]["cpu"].append((cpu_seconds() - cpu) / n * 1e6)
+                    counter.wait(topic, stats[label]["sent"] + n + stats[label]["extra"], timeout=10)
+                    stats[label]["broker_cpu"].append((broker_cpu_seconds(broker.proc.pid) - bcpu) / n * 1e6)
+                    base = base or rate
+                    st = stats[label]
+                    st["rates"].append(rate)
+                    st["ratios"].append(rate / base)
+                    st["sent"] += n
+                    if st["opened"] is None:
+                        time.sleep(0.3)               # let mosquitto write its log
+                        st["opened"] = len(_CONNECTED.findall(broker.log())) - before
+            for label, topic, n, _run in phases:
+                st = stats[label]
+                delivered = counter.wait(topic, st["sent"] + st["extra"]) - st["extra"]
+                rows.append((label, n, statistics.median(st["rates"]), statistics.median(st["ratios"]), st["opened"],
+                             f"{delivered}/{st['sent']}", statistics.median(st["cpu"]),
+                             statistics.median(st["broker_cpu"])))
         finally:
             import mqttd.publisher
 
             mqttd.publisher.default_publisher().close()
-            counter.client.disconnect()
-            counter.client.loop_stop()
+            counter.close()
             broker.stop()
 
-    print(f"QoS 1 publish, mosquitto on 127.0.0.1:{broker.port} (loopback), {os.cpu_count()} CPUs")
-    head = ("publisher", "messages", "messages/s", "connections opened", "delivered")
-    print(f"| {head[0]:<40} | {head[1]:>8} | {head[2]:>10} | {head[3]:>18} | {head[4]:>9} |")
-    print(f"|{'-' * 42}|{'-' * 9}:|{'-' * 11}:|{'-' * 19}:|{'-' * 10}:|")
-    for label, n, rate, opened, delivered in rows:
-        print(f"| {label:<40} | {n:>8} | {rate:>10,.0f} | {opened:>18} | {delivered:>9} |")
-
+    print(f"QoS 1 publish, mosquitto on 127.0.0.1:{broker.port} (loopback), {os.cpu_count()} CPUs, "
+          f"median of {args.rounds} rounds")
+    head = ("publisher", "messages", "messages/s", "x threads", "connections opened", "delivered",
+            "client CPU µs/msg", "broker CPU µs/msg")
+    print(f"| {head[0]:<40} | {head[1]:>8} | {head[2]:>10} | {head[3]:>9} | {head[4]:>18} | {head[5]:>11} "
+          f"| {head[6]:>17} | {head[7]:>17} |")
+    print(f"|{'-' * 42}|{'-' * 9}:|{'-' * 11}:|{'-' * 10}:|{'-' * 19}:|{'-' * 12}:|{'-' * 18}:|{'-' * 18}:|")
+    # "x threads": the rate over that of publish() from N threads in the same round (median)
+    for label, n, rate, ratio, opened, delivered, cpu, bcpu in rows:
+        print(f"| {label:<40} | {n:>8} | {rate:>10,.0f} | {ratio:>9.1f} | {opened:>18} | {delivered:>11} "
+              f"| {cpu:>17.0f} | {bcpu:>17.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -5,11 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
-
-from support.broker import Broker
-from support.daemon import Host
-from support.db import TenantDB, pg_available
-from support.supervisor import site, supervisord  # noqa: F401 - fixtures for the deployment tests
+from lab.broker import Broker
+from lab.daemon import Host
+from lab.db import TenantDB, pg_available
+from lab.supervisor import site, supervisord  # noqa: F401 - fixtures for the deployment tests
 
 _PG = None
 

@@ -2,9 +2,9 @@
 never a crash loop and never silent loss."""
 import time
 
-from support.daemon import write_config
-from support.publish import Publisher, telemetry
-from support.waits import wait_rows, wait_until
+from lab.daemon import write_config
+from lab.publish import Publisher, telemetry
+from lab.waits import wait_rows, wait_until
 
 HANG = "[dispatch]\nhandler_timeout = 1.5\nbatch_linger_ms = 300\n"
 
@@ -98,7 +98,7 @@ def test_a_missing_handler_module_is_a_config_error(host, broker, sqlite_db, tmp
 
 
 def test_a_database_that_does_not_exist_holds_messages_and_says_why(host, broker, tmp_path):
-    from support.db import TenantDB
+    from lab.db import TenantDB
 
     missing = TenantDB("postgres", "mqttd_test_no_such_database")
     d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), missing)

@@ -1,15 +1,16 @@
 """Supervisor deployment, end to end: `mqttd deploy` output run by a real supervisord, with a
-real mosquitto and the sample tenant on SQLite (SPEC §7)."""
+real mosquitto and the sample tenant on SQLite (docs/deployment.md)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 
-from mqttd import lock
+from lab.publish import Publisher, telemetry
+from lab.supervisor import retained, wait_status, wait_until
+
+from mqttd.daemon import lock
 from mqttd.identity import short_hostname
-from support.publish import Publisher, telemetry
-from support.supervisor import retained, wait_status, wait_until
 
 HOST = short_hostname()
 

@@ -2,15 +2,23 @@
 on --dry-run without touching anything, and never overwrites or deletes a file it did not write."""
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from lab.daemon import write_config
+from lab.publish import Publisher
+from lab.supervisor import VENV, Supervisord
+from lab.waits import wait_until
 
-from mqttd import supervisor_conf
-from mqttd.inventory import load_inventory
-from support.supervisor import VENV, Supervisord
+from mqttd.deploy import render as supervisor_conf
+from mqttd.deploy.inventory import load_inventory
 
 CELERY = "[program:celery]\ncommand=/srv/bnp/venv/bin/celery worker\n"
 HAND_BNP = "; my own bnp entry\n[program:bnp-mqtt]\ncommand=/usr/bin/true\n"
@@ -219,3 +227,83 @@ def test_apply_refuses_a_supervisord_that_does_not_include_the_conf_dir(site, tm
         assert f"[include] files = {site.conf_dir}/*.conf" in line
     finally:
         sv.stop()
+
+
+# --- The shipped systemd unit and logrotate file, checked by their real consumers ---------------
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_the_systemd_template_passes_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here (the unit is verified where it is)")
+    mqttd_bin = Path(sys.executable).with_name("mqttd")
+    assert mqttd_bin.exists(), mqttd_bin
+    unit = (DEPLOY / "systemd" / "mqttd@.service").read_text()
+    assert "ExecStart=/home/redmine/envs/%i/bin/mqttd run\n" in unit
+    # The template's venv path exists on no test machine: point it at this venv's mqttd, keep the rest
+    (tmp_path / "mqttd@.service").write_text(unit.replace("/home/redmine/envs/%i/bin/mqttd", str(mqttd_bin)))
+
+    r = subprocess.run([analyze, "verify", str(tmp_path / "mqttd@bnp.service")], capture_output=True, text=True,
+                       timeout=120)
+
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if "mqttd" in line]
+    assert r.returncode == 0 and not ours, r.stdout + r.stderr
+
+
+def _rotated(log_dir: Path) -> list[Path]:
+    return sorted(p for p in log_dir.iterdir() if p.name.startswith("mqttd.log-"))
+
+
+def _read(path: Path) -> str:
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode()
+
+
+def test_logrotate_twice_in_a_day_while_the_daemon_logs_loses_no_line(host, broker, sqlite_db, tmp_path):
+    """The shipped logrotate file with the real logrotate, forced twice on the same day (maxsize
+    does that on a busy host), while mqttd keeps logging: both rotations happen, every line is in
+    exactly one file, and mqttd writes to the new mqttd.log after each."""
+    logrotate = shutil.which("logrotate") or ("/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None)
+    if logrotate is None:
+        pytest.skip("logrotate is not installed (Debian: apt-get install logrotate)")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text((DEPLOY / "logrotate" / "mqttd").read_text().replace("/var/log/mqttd/", f"{host.log_dir}/"))
+    state = tmp_path / "logrotate.state"
+    d = host.start("bnp", write_config(tmp_path / "c.toml", broker.port), sqlite_db)
+    d.wait_for(lambda s: s.get("connected") and s.get("canary_at"), what="canary")
+    log_dir = d.log_path.parent
+    pub = Publisher(broker.port)
+    sent = 0
+
+    def log_markers(tag: str, n: int = 5) -> list[str]:
+        """Make mqttd log n lines we can recognise: a handler failure names the topic."""
+        nonlocal sent
+        topics = [f"ble/{tag}-{i}/telemetry" for i in range(n)]
+        for t in topics:
+            pub.send(t, b"not json")
+        sent += n
+        pub.wait_acked(sent)
+        wait_until(lambda: all(t in d.log() for t in topics), 30, f"{tag} lines in the current mqttd.log")
+        return topics
+
+    markers = log_markers("before")
+    for rotation in (1, 2):
+        time.sleep(1.1)       # rotated names carry the time to the second
+        r = subprocess.run([logrotate, "-f", "-s", str(state), str(conf)], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (0, ""), r.stdout + r.stderr
+        assert len(_rotated(log_dir)) == rotation
+        assert not d.log_path.exists() or "-after-" not in d.log()
+        markers += log_markers(f"after-{rotation}")          # reopened: they land in the new file
+    pub.close()
+
+    rotated = _rotated(log_dir)
+    assert [p.name.endswith(".gz") for p in rotated] == [True, False], rotated   # delaycompress: newest stays plain
+    assert all(re.fullmatch(r"mqttd\.log-\d{8}-\d{6}(\.gz)?", p.name) for p in rotated), rotated
+    texts = [_read(p) for p in (*rotated, d.log_path)]
+    assert "before-0" in texts[0] and "after-1-0" in texts[1] and "after-2-0" in texts[2]
+    for topic in markers:
+        assert sum(t.count(f" {topic}:") for t in texts) == 1, topic
+    assert d.stop() == 0
+    assert "stopped cleanly" in d.log()

@@ -2,9 +2,9 @@
 import os
 import signal
 
-from support.daemon import write_config
-from support.publish import Publisher, telemetry
-from support.waits import wait_rows, wait_until
+from lab.daemon import write_config
+from lab.publish import Publisher, telemetry
+from lab.waits import wait_rows, wait_until
 
 
 def test_every_line_names_project_pid_and_client_id_and_a_moved_log_is_reopened(host, broker, sqlite_db, tmp_path):

@@ -1,12 +1,11 @@
-"""The delivery promise (SPEC §6) against a real mosquitto, real Django on SQLite and PostgreSQL."""
+"""The delivery promise (docs/delivery.md) against a real mosquitto, real Django on SQLite and PostgreSQL."""
 import subprocess
 import time
 
 import pytest
-
-from support.daemon import write_config
-from support.publish import Publisher, telemetry
-from support.waits import wait_rows, wait_until
+from lab.daemon import write_config
+from lab.publish import Publisher, telemetry
+from lab.waits import wait_rows, wait_until
 
 
 def _publish(port, n, topic="ble/dev-{k}/telemetry", devices=5, start=0, **extra):

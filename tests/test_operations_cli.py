@@ -1,12 +1,13 @@
 """check, replay and `python manage.py mqttd` as an operator uses them."""
+import os
 import signal
 import subprocess
 import sys
 
-from support.daemon import write_config
-from support.db import TENANT_DIR
-from support.publish import Publisher, telemetry
-from support.waits import wait_rows, wait_until
+from lab.daemon import write_config
+from lab.db import TENANT_DIR, TenantDB
+from lab.publish import Publisher, telemetry
+from lab.waits import wait_rows, wait_until
 
 
 def test_check_prints_routes_and_grants_and_consumes_nothing(host, broker, sqlite_db, tmp_path):
@@ -27,8 +28,6 @@ def test_check_fails_clearly_when_the_broker_is_down(host, broker, sqlite_db, tm
 
 
 def test_check_reports_unapplied_migrations(host, broker, tmp_path):
-    from support.db import TenantDB
-
     fresh = TenantDB.sqlite(tmp_path / "unmigrated.sqlite3")
     r = host.mqttd("check", "--project", "bnp", "--config", str(write_config(tmp_path / "c.toml", broker.port)),
                    db=fresh)
@@ -75,3 +74,12 @@ def test_manage_py_mqttd_runs_the_same_daemon(host, broker, sqlite_db, tmp_path)
     second = subprocess.run([sys.executable, "manage.py", "mqttd", "--project", "BAD"], cwd=TENANT_DIR, env=env,
                             capture_output=True, text=True)
     assert second.returncode == 2 and "must match" in second.stderr
+
+
+def test_the_shipped_migrations_match_the_models(tmp_path):
+    # A tenant whose CI runs `makemigrations --check` must not be told that mqttd has model changes
+    # without a migration (the package's migrations are the schema its code writes).
+    db = TenantDB.sqlite(tmp_path / "any.sqlite3")
+    r = subprocess.run([sys.executable, "manage.py", "makemigrations", "mqttd", "--check", "--dry-run"],
+                       cwd=TENANT_DIR, env={**os.environ, **db.env}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "No changes detected" in r.stdout, r.stdout + r.stderr

@@ -1,8 +1,8 @@
-"""Health and recovery as an operator meets them (SPEC §3, §7): `mqttd status`, `health`, `recover`,
+"""Health and recovery as an operator meets them (docs/operations.md): `mqttd status`, `health`, `recover`,
 the cron wrappers in scripts/ and the Supervisor event listener, against a real supervisord, a
 real mosquitto and the sample tenant on SQLite.
 
-Canary limit: SPEC's 60 s would make each zombie test wait a minute, so the commands that judge
+Canary limit: health's 60 s would make each zombie test wait a minute, so the commands that judge
 here run with MQTTD_CANARY_MAX_AGE=5 (the daemons publish a canary every second).
 """
 from __future__ import annotations
@@ -15,10 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from mqttd import lock, supervisor_conf
-from mqttd.inventory import load_inventory
-from support.publish import Publisher
-from support.supervisor import VENV, wait_status, wait_until
+from lab.publish import Publisher
+from lab.supervisor import VENV, wait_status, wait_until
+
+from mqttd.daemon import lock
+from mqttd.deploy import render as supervisor_conf
+from mqttd.deploy.inventory import load_inventory
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 FAST = {"MQTTD_CANARY_MAX_AGE": "5"}
@@ -269,7 +271,7 @@ def test_the_event_listener_restarts_a_fatal_program_and_honours_the_brake(site,
     listener_log = site.root / "listener.log"
     (site.conf_dir / "mqttd-recover.conf").write_text(
         "[eventlistener:mqttd-recover]\n"
-        f"command={VENV}/bin/python -m mqttd.eventlistener --inventory {site.inventory_path}\n"
+        f"command={VENV}/bin/python -m mqttd.ops.eventlistener --inventory {site.inventory_path}\n"
         "events=PROCESS_STATE_FATAL\nautorestart=true\nbuffer_size=50\n"
         f"stderr_logfile={listener_log}\n")
     config = Path(site.project("bnp")["config"])
@@ -306,7 +308,7 @@ def test_the_event_listener_restarts_a_fatal_program_and_honours_the_brake(site,
 
 
 def test_a_supervised_copy_that_loses_a_client_id_fight_stays_exited_73_and_recover_leaves_it(site, supervisord):
-    from support.daemon import Host
+    from lab.daemon import Host
 
     bnp = site.project("bnp")
     cfg = Path(bnp["config"])

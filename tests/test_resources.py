@@ -2,9 +2,9 @@
 import json
 import os
 
-from support.daemon import write_config
-from support.publish import fill, telemetry
-from support.waits import wait_rows, wait_until
+from lab.daemon import write_config
+from lab.publish import fill, telemetry
+from lab.waits import wait_rows, wait_until
 
 
 def _vm(pid: int, key: str) -> int:

@@ -3,9 +3,9 @@ import os
 import stat
 import subprocess
 
-from support.broker import Broker
-from support.daemon import write_config
-from support.waits import wait_rows
+from lab.broker import Broker
+from lab.daemon import write_config
+from lab.waits import wait_rows
 
 
 def _openssl(*args: str, cwd) -> None:

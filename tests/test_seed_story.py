@@ -4,10 +4,10 @@ import signal
 import time
 
 import pytest
+from lab.daemon import write_config
 
+from mqttd.daemon.lock import is_held, read_pid
 from mqttd.identity import short_hostname
-from mqttd.lock import is_held, read_pid
-from support.daemon import write_config
 
 PROJECTS = ("youtility4", "django5", "bnp")
 

@@ -6,11 +6,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from support.broker import Broker
-from support.daemon import write_config
-from support.publish import Publisher, telemetry
-from support.waits import wait_rows, wait_until
+from lab.broker import Broker
+from lab.daemon import write_config
+from lab.publish import Publisher, publish_telemetry, telemetry
+from lab.waits import wait_rows, wait_until
 
 
 def test_mqtt_311_persistent_session_keeps_messages_while_the_daemon_is_down(host, broker, sqlite_db, tmp_path):
@@ -18,11 +17,7 @@ def test_mqtt_311_persistent_session_keeps_messages_while_the_daemon_is_down(hos
     d = host.start("bnp", cfg, sqlite_db)
     d.wait_connected()
     assert d.stop() == 0
-    pub = Publisher(broker.port)
-    for i in range(100):
-        pub.send(f"ble/dev-{i % 3}/telemetry", telemetry(i))
-    pub.wait_acked(100)
-    pub.close()
+    publish_telemetry(broker.port, 100, devices=3)
     d = host.start("bnp", cfg, sqlite_db)
     wait_rows(sqlite_db, 100)
     assert d.wait_connected()["session_gaps"] == 0
@@ -44,9 +39,9 @@ def test_mqtt5_dedupe_property_gives_one_row_per_message_id(host, broker, sqlite
     c.publish("ble/dev-x/telemetry", '{"seq": 99}', qos=1).wait_for_publish(5)     # no key: no dedupe
     c.disconnect()
     c.loop_stop()
-    st = d.wait_for(lambda s: s["handled"] >= 31, what="all handled")
+    st = d.wait_for(lambda s: s["handled"] + s["duplicates_skipped"] >= 31, what="all settled")
     assert sqlite_db.query("select count(*), count(distinct seq) from sensors_reading")[0] == (11, 11)
-    assert st["duplicates_skipped"] == 20
+    assert st["duplicates_skipped"] == 20 and st["handled"] == 11
     assert d.stop() == 0
 
 
@@ -61,7 +56,7 @@ def _auth_broker(tmp_path, password: str) -> Broker:
 
 
 def _start_raw(b: Broker) -> None:
-    from support.broker import wait_port
+    from lab.broker import wait_port
 
     b.proc = subprocess.Popen(["mosquitto", "-c", str(b.conf_path)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -111,7 +106,7 @@ def test_a_filter_removed_from_the_routes_is_unsubscribed_from_the_resumed_sessi
 
 
 def test_two_hosts_fighting_over_one_client_id_end_with_the_newcomer_exiting_73(host, broker, sqlite_db, tmp_path):
-    from support.daemon import Host
+    from lab.daemon import Host
 
     other = Host(tmp_path / "other-host")       # a second host: its own run dir, so no shared lock
     cfg = write_config(tmp_path / "c.toml", broker.port, broker_extra='client_id = "shared-id"')
@@ -234,3 +229,74 @@ def test_a_batch_that_takes_longer_than_the_keepalive_does_not_cost_the_connecti
     assert "Keep alive timeout" not in d.log()
     assert sqlite_db.scalar("select count(*) from sensors_reading where source = 'slow'") == 900
     assert d.stop() == 0
+
+
+def test_a_connect_stuck_in_a_slow_dns_lookup_is_waited_out_not_called_a_stall(host, broker, sqlite_db, tmp_path):
+    # Given a resolver that takes 35 s to answer the daemon's first lookup (longer than the 30 s
+    # after which a network loop that does not turn is called a hang)
+    cfg = write_config(tmp_path / "c.toml", broker.port)
+    d = host.start("bnp", cfg, sqlite_db, env={"TENANT_SLOW_DNS_S": "35"})
+    # When the daemon waits on it
+    time.sleep(33)
+    # Then it is still up (no watchdog exit 70), and connects once the answer comes
+    assert d.proc.poll() is None, d.stderr()
+    assert not d.status().get("connected")
+    d.wait_connected(30)
+    publish_telemetry(broker.port, 10, devices=2)
+    wait_rows(sqlite_db, 10)
+    assert "connecting to 127.0.0.1" in d.log() and "took" in d.log()
+    assert d.stop() == 0
+
+
+def test_new_filters_are_subscribed_before_stale_ones_are_unsubscribed(host, sqlite_db, tmp_path):
+    """A stale filter may overlap a new one (legacy ble/# -> ble/+/telemetry): unsubscribing it
+    first leaves a moment in which the broker delivers matching messages to neither."""
+    b = Broker(tmp_path / "logging-broker", extra="log_type all").start()
+    try:
+        extra = '[[subscribe]]\ntopic = "legacy/#"\nhandler = "mqttd.inbox"\n'
+        d = host.start("bnp", write_config(tmp_path / "c.toml", b.port, extra=extra), sqlite_db)
+        d.wait_connected()
+        assert d.stop() == 0
+        d = host.start("bnp", write_config(tmp_path / "c.toml", b.port), sqlite_db)
+        d.wait_connected()
+        wait_until(lambda: "Received UNSUBSCRIBE" in b.log(), 10, "the UNSUBSCRIBE")
+        assert d.stop() == 0
+        second_run = b.log().rsplit("New client connected", 1)[1]
+        assert second_run.index("Received SUBSCRIBE") < second_run.index("Received UNSUBSCRIBE")
+    finally:
+        b.stop()
+
+
+def test_garbage_on_the_owner_topic_never_stops_the_daemon(host, broker, sqlite_db, tmp_path):
+    """Anyone can publish a retained record on mqttd/NAME/owner/CLIENTID, and the broker hands it
+    back on every start: nothing in it may end the network thread (that would be a crash loop)."""
+    import socket
+
+    from mqttd.identity import short_hostname
+
+    owner_topic = f"mqttd/bnp/owner/bnp-{short_hostname()}"
+    me = socket.gethostname()
+    garbage = [f"{me}:{'9' * 400}:1700000000.0".encode(),     # os.kill raises OverflowError
+               f"{me}:0:1700000000.0".encode(),               # pid 0: our own process group, "alive"
+               f"{me}:-1:1700000000.0".encode(),
+               b"\xff\xfe\x00garbage:\x80:\x81",                 # not UTF-8
+               f"{me}:1:inf".encode(), f"{me}:1:nan".encode(), b"::", b":",
+               b"x" * 2_000_000]                                # huge
+    cfg = write_config(tmp_path / "c.toml", broker.port)
+    pub = Publisher(broker.port)
+    for n, payload in enumerate(garbage):
+        # Given garbage retained on the owner topic before the daemon starts
+        pub.send(owner_topic, payload, retain=True)
+        pub.wait_acked(2 * n + 1)
+        d = host.start("bnp", cfg, sqlite_db)
+        d.wait_connected()
+        # When more arrives while it runs (an empty payload too)
+        pub.send(owner_topic, b"" if n % 2 else payload[::-1], retain=False)
+        # Then it stores messages, is nobody's twin, and stops cleanly
+        pub.send("ble/dev-1/telemetry", telemetry(n))
+        pub.wait_acked(2 * n + 2)
+        wait_rows(sqlite_db, n + 1)
+        assert d.proc.poll() is None and "network thread died" not in d.log()
+        assert "another process uses this name" not in d.log()
+        assert d.stop() == 0, d.stderr()
+    pub.close()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mqttd import recover, status
-from mqttd.eventlistener import serve
-from mqttd.inventory import parse
+from mqttd.daemon import status
+from mqttd.deploy.inventory import parse
+from mqttd.ops import recover
+from mqttd.ops.eventlistener import serve
 
 NOW = 1_000_000.0
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -38,7 +39,7 @@ def test_the_verdict_keeps_specs_limits_unless_overridden(monkeypatch):
     assert status.verdict(_status(canary_at=NOW - 6), True, NOW).reason.startswith("last canary round trip 6s ago")
     assert status.verdict(_status(updated_at=NOW - 4), True, NOW).reason.startswith("status file is stale")
 
-    for junk in ("", "soon", "-5", "0", "nan"):       # a typo keeps SPEC's limits
+    for junk in ("", "soon", "-5", "0", "nan"):       # a typo keeps the default limits
         monkeypatch.setenv("MQTTD_CANARY_MAX_AGE", junk)
         assert status.verdict(_status(canary_at=NOW - 59), True, NOW).healthy
         assert not status.verdict(_status(canary_at=NOW - 61), True, NOW).healthy

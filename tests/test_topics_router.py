@@ -78,7 +78,7 @@ def test_message_json_errors_are_clear():
 
 
 def test_long_dedupe_keys_are_hashed_never_truncated():
-    from mqttd.dedupe import normalise
+    from mqttd.ingest.dedupe import normalise
 
     a, b = "k" * 300 + "1", "k" * 300 + "2"
     assert normalise(a) != normalise(b)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..message import Message
+from mqttd.message import Message
 
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 _COLUMNS = ("topic", "payload", "qos", "retain", "received_at")
 
 
 def inbox(msgs: list[Message]) -> None:
     from django.db import connections, router
 
-    from .models import InboxMessage
+    from mqttd.django.models import InboxMessage
 
     conn = connections[router.db_for_write(InboxMessage)]
     table = conn.ops.quote_name(InboxMessage._meta.db_table)

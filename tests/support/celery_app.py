@@ -20,7 +20,6 @@ from celery import Celery
 from celery.signals import worker_init
 
 
-
 def make_app(fs_dir: str | Path) -> Celery:
     """A Celery app on kombu's filesystem transport in ``fs_dir`` (the worker's and the producer's)."""
     fs = Path(fs_dir)

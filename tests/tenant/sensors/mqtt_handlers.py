@@ -1,6 +1,8 @@
 """The tenant's routes, discovered by mqttd at start-up."""
 import os
 
+from django.conf import settings
+
 from mqttd import Message, route
 
 from .models import Reading, Strict
@@ -21,19 +23,28 @@ def save_many(msgs: list[Message]) -> None:
         data = m.json()
         if data.get("fail"):
             raise ValueError(f"told to fail (seq {data.get('seq')})")
+        if data.get("operational"):      # a database error that looks like an outage
+            from django.db import OperationalError
+
+            raise OperationalError(f"simulated: server closed the connection (seq {data.get('seq')})")
         rows.append(Reading(device=m.params["device"], seq=data["seq"], rssi=data.get("rssi"),
                             temp=data.get("temp"), source="bulk"))
     Reading.objects.bulk_create(rows)
 
 
 def _seq_key(msg: Message) -> str:
-    return f"{msg.topic}:{msg.json()['seq']}"
+    return f"{msg.params['device']}:{msg.json()['seq']}"
 
 
-@route("dedupe/{device}/telemetry", qos=1, dedupe=_seq_key)
 def save_once(msg: Message, device: str) -> None:
     data = msg.json()
+    if data.get("fail") and not os.environ.get("TENANT_FIXED"):
+        raise ValueError(f"told to fail (seq {data.get('seq')})")
     Reading.objects.create(device=device, seq=data["seq"], rssi=data.get("rssi"), source="dedupe")
+
+
+if "mqttd.django" in settings.INSTALLED_APPS:       # dedupe keys live in mqttd's app
+    route("dedupe/{device}/telemetry", qos=1, dedupe=_seq_key)(save_once)
 
 
 @route("strict/{code}", qos=1)
@@ -41,38 +52,31 @@ def save_strict(msg: Message, code: str) -> None:
     Strict.objects.create(code=code)
 
 
+# Typed payloads (msgspec and pydantic are optional: only when the test asks for them).
+if os.environ.get("TENANT_TYPED"):
+    from . import typed_handlers  # noqa: F401
+
+
 # Test hook: simulate a bug inside paho's network-thread callback (the classic way a paho
 # client dies silently). Only active when the test asks for it.
 
 if os.environ.get("TENANT_BREAK_CALLBACK"):
-    from mqttd.mqtt import session as transport
+    from mqttd.mqtt import faults
 
-    _original = transport.Session._on_publish
-
-    def _buggy(self, topic, *args):  # noqa: ANN001, ANN002
+    def _buggy(topic: bytes) -> None:
         if topic == b"ble/boom/telemetry":
             raise RuntimeError("bug in on_message")
-        return _original(self, topic, *args)
 
-    transport.Session._on_publish = _buggy
+    faults.hooks.before_intake = _buggy
 
 
 # Test hook: the zombie consumer of a broker restarted without its sessions. The daemon
 # subscribes on the process's first connect only, so after the broker forgets the session it is
 # "connected" and receives nothing (the canary stops). A restart (mqttd recover) cures it.
 if os.environ.get("TENANT_NO_RESUBSCRIBE"):
-    from mqttd.mqtt import session as _transport
+    from mqttd.mqtt import faults
 
-    _subscribe = _transport.Session._subscribe
-    _first_connect = [True]
-
-    def _subscribe_on_first_connect_only(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if _first_connect[0]:
-            _first_connect[0] = False
-            return _subscribe(self, *args, **kwargs)
-        return None
-
-    _transport.Session._subscribe = _subscribe_on_first_connect_only
+    faults.hooks.resubscribe = False
 
 
 # Test hook: a handler stuck for ever (think of a network call without a timeout), once. The
@@ -162,3 +166,83 @@ if _SOAK_PREFIX:
     @route(f"soakb/{_SOAK_PREFIX}/{{device}}", qos=1, batch=True)
     def soak_batch(msgs: list[Message]) -> None:
         Reading.objects.bulk_create([_soak_reading(m, m.params["device"], "soakb") for m in msgs])
+
+
+# Test hook: handlers that break the handler contract the way real tenant code does, without
+# raising. Each stores its reading first, then:
+#   contract/swallow/{device}   the insert-or-ignore idiom: `except IntegrityError: pass`
+#   contract/close/{device}     connection.close() ("tidying up")
+#   contract/tidy/{device}      close_old_connections() (copied from a Celery task)
+#   contract/rollback/{device}  a raw ROLLBACK on the connection
+if os.environ.get("TENANT_CONTRACT"):
+    from django.db import IntegrityError, close_old_connections, connection
+
+    @route("contract/swallow/{device}", qos=1)
+    def tag_once(msg: Message, device: str) -> None:
+        data = msg.json()
+        Reading.objects.create(device=device, seq=data["seq"], source="swallow")
+        try:
+            Strict.objects.create(code=data["tag"])
+        except IntegrityError:
+            pass        # "the tag exists already, fine"
+
+    @route("contract/close/{device}", qos=1)
+    def save_and_close(msg: Message, device: str) -> None:
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="close")
+        connection.close()
+
+    @route("contract/tidy/{device}", qos=1)
+    def save_and_tidy(msg: Message, device: str) -> None:
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="tidy")
+        close_old_connections()
+
+    @route("contract/closeraise/{device}", qos=1)
+    def close_then_fail(msg: Message, device: str) -> None:
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="closeraise")
+        close_old_connections()
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="closeraise")   # raises
+
+    @route("contract/oncommit/{device}", qos=1)
+    def save_and_notify(msg: Message, device: str) -> None:
+        from django.db import transaction
+
+        def notify() -> None:
+            raise RuntimeError("the notification service is down")     # after the COMMIT
+
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="oncommit")
+        transaction.on_commit(notify)
+
+    @route("contract/fk/{device}", qos=1)
+    def save_with_a_dangling_key(msg: Message, device: str) -> None:
+        # A foreign key to nothing: Django's constraints are DEFERRABLE INITIALLY DEFERRED, so
+        # the violation shows only at COMMIT, for the whole batch.
+        from django.contrib.auth.models import Permission
+
+        Permission.objects.create(codename=f"p{msg.json()['seq']}", name="p", content_type_id=10**9)
+
+    @route("contract/rollback/{device}", qos=1)
+    def save_and_roll_back(msg: Message, device: str) -> None:
+        Reading.objects.create(device=device, seq=msg.json()["seq"], source="rollback")
+        with connection.cursor() as cur:
+            cur.execute("ROLLBACK")
+
+
+# Test hook: a resolver that hangs. With TENANT_SLOW_DNS_S set, the first TENANT_SLOW_DNS_CALLS
+# (default 1) host lookups made by the daemon's network thread sleep that many seconds first:
+# paho's connect_timeout does not bound getaddrinfo, so a connect blocks the thread that long.
+if os.environ.get("TENANT_SLOW_DNS_S"):
+    import socket as _dns_socket
+    import threading as _dns_threading
+    import time as _dns_time
+
+    _DNS_DELAY_S = float(os.environ["TENANT_SLOW_DNS_S"])
+    _dns_slow_left = [int(os.environ.get("TENANT_SLOW_DNS_CALLS", "1"))]
+    _real_getaddrinfo = _dns_socket.getaddrinfo
+
+    def _slow_getaddrinfo(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if _dns_slow_left[0] > 0 and _dns_threading.current_thread().name.startswith("mqttd-net"):
+            _dns_slow_left[0] -= 1
+            _dns_time.sleep(_DNS_DELAY_S)
+        return _real_getaddrinfo(*args, **kwargs)
+
+    _dns_socket.getaddrinfo = _slow_getaddrinfo

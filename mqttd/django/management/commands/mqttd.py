@@ -1,7 +1,11 @@
-"""``python manage.py mqttd``: the same daemon, started from inside a tenant's Django project."""
-from __future__ import annotations
+"""``python manage.py mqttd``: the same daemon, started from inside a tenant's Django project.
 
-import os
+Its options are ``mqttd run``'s, added by the very function that builds ``mqttd run``
+(``mqttd.cli.add_run_arguments``), and it runs through ``mqttd.cli.run_daemon``, which loads the
+identity and config as ``mqttd run`` does: the two cannot drift apart. What differs: Django is set up
+already (by ``manage.py``), so the daemon does not set it up again.
+"""
+from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -9,23 +13,19 @@ from mqttd.errors import MqttdError
 
 
 class Command(BaseCommand):
-    help = "Run the mqttd ingestion daemon for this project (same options as `mqttd run`)."
+    help = ("Run the mqttd ingestion daemon for this project (the options of `mqttd run`; "
+            "`mqttd run --help` describes them).")
 
     def add_arguments(self, parser) -> None:  # noqa: ANN001
-        parser.add_argument("--project")
-        parser.add_argument("--instance")
-        parser.add_argument("--config")
-        parser.add_argument("--log-level", default="INFO")
+        from mqttd.cli import add_run_arguments
+
+        add_run_arguments(parser)
 
     def handle(self, *args, **opts) -> None:  # noqa: ANN002, ANN003
-        from mqttd import daemon
-        from mqttd.config import config_path, load
-        from mqttd.identity import from_args
+        from mqttd.cli import run_daemon
 
         try:
-            identity = from_args(opts["project"], opts["instance"], os.environ)
-            config = load(config_path(opts["config"], identity, os.environ), os.environ)
-            code = daemon.run(identity, config, setup_django=False, log_level=opts["log_level"])
+            code = run_daemon(opts, setup_django=False)      # identity, config, --daemonize: as `mqttd run`
         except MqttdError as exc:
             raise CommandError(str(exc), returncode=exc.exit_code) from None
         if code:

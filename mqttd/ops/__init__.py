@@ -1,0 +1,2 @@
+"""Operator commands the daemon never imports: check, replay, recover, the Supervisor event
+listener."""
