@@ -79,8 +79,9 @@ def test_daemonize_writes_the_daemons_pid_and_a_refused_start_exits_75_before_de
     r = host.mqttd("run", "--project", "bnp", "--config", str(cfg), "--daemonize", db=sqlite_db)
     assert r.returncode == 0, r.stderr
     lock = host.run_dir / "bnp.pid"
+    # The daemon takes the flock an instant before it writes its PID: wait for both.
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not is_held(lock):
+    while time.monotonic() < deadline and not (is_held(lock) and read_pid(lock)):
         time.sleep(0.05)
     pid = read_pid(lock)
     try:
@@ -112,3 +113,34 @@ def test_version_and_help(host):
     assert host.mqttd("--version").stdout.startswith("mqttd ")
     r = host.mqttd("--help")
     assert r.returncode == 0 and "deploy" in r.stdout and "health" in r.stdout
+
+
+def test_a_start_that_loses_to_a_holder_not_yet_done_writing_its_pid_still_names_it(tmp_path):
+    # A holder takes the flock first and writes its PID an instant later; here the instant is
+    # stretched to 0.8 s, past the loser's 0.5 s of retrying the lock. The loser's refusal must
+    # still name the holder, not "an unknown pid".
+    import subprocess
+    import sys
+
+    from mqttd.daemon.lock import ProjectLock
+    from mqttd.errors import LockHeld
+
+    path = tmp_path / "bnp.pid"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT, 0o640)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(0.8)\n"
+        "os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0)\n"
+        "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert read_pid(path) is None
+        with pytest.raises(LockHeld) as refused:
+            ProjectLock("bnp", path).acquire()
+        assert refused.value.pid == holder.pid
+        assert f"pid {holder.pid}" in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()

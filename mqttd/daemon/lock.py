@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 import filelock
@@ -39,6 +40,22 @@ def read_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+# A new holder takes the flock an instant before it writes its PID (filelock's on_acquired), so a
+# contender that loses in that instant finds the file empty. It waits this long for the PID, so
+# that a refusal names the process that holds the lock rather than "an unknown pid".
+HOLDER_PID_WAIT_S = 1.0
+
+
+def holder_pid(path: Path) -> int | None:
+    """The PID of the process holding ``path``, waiting briefly for a new holder to write it."""
+    deadline = time.monotonic() + HOLDER_PID_WAIT_S
+    while True:
+        pid = read_pid(path)
+        if pid is not None or time.monotonic() >= deadline or not is_held(path):
+            return pid
+        time.sleep(0.01)
 
 
 def is_held(path: Path) -> bool:
@@ -96,7 +113,7 @@ class ProjectLock:
         try:
             lock.acquire()
         except filelock.Timeout:
-            raise LockHeld(self.name, str(self.path), read_pid(self.path)) from None
+            raise LockHeld(self.name, str(self.path), holder_pid(self.path)) from None
         except OSError as exc:
             raise MqttdError(f"mqttd[{self.name}]: cannot open lock {self.path}: {exc.strerror}") from None
         self._lock = lock
@@ -117,4 +134,4 @@ class ProjectLock:
 def probe(name: str, path: Path) -> None:
     """Raise LockHeld if another process holds the lock (used before daemonizing)."""
     if is_held(path):
-        raise LockHeld(name, str(path), read_pid(path))
+        raise LockHeld(name, str(path), holder_pid(path))

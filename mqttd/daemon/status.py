@@ -124,7 +124,7 @@ def row(identity: Identity, now: float | None = None) -> Row:
     st = found or Status()
     pid = st.pid if held else None
     if held and pid is None:
-        pid = lock.read_pid(identity.lock_path)
+        pid = lock.holder_pid(identity.lock_path)
 
     def age(value: float | None) -> float | None:
         return round(now - float(value), 1) if value else None

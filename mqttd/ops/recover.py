@@ -103,7 +103,7 @@ def _recover(project: Project, ident: Identity, name: str, sv: Supervisor, histo
     held = lock.is_held(ident.lock_path)
     if held:
         known = {i["pid"] for i in sv.get_all_process_info() if i["group"] == project.program and i["pid"]}
-        holder = lock.read_pid(ident.lock_path)
+        holder = lock.holder_pid(ident.lock_path)
         if holder not in known:
             return Outcome(f"{label}: {state}; its lock {ident.lock_path} is held by {describe_pid(holder)}, "
                            f"which Supervisor did not start: left alone (stop it, then `supervisorctl start "
