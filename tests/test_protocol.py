@@ -8,6 +8,7 @@
 - The CONNACK's grants are honoured, logged where they differ from what was asked, and shown in
   the status (``granted``): a lowered session expiry, a ServerKeepAlive.
 """
+import json
 import os
 import shutil
 import time
@@ -16,7 +17,7 @@ import pytest
 from lab.daemon import write_config
 from support.fakebroker import FakeBroker, connack_v5, prop_u16, prop_u32
 from support.nats import NatsBroker
-from lab.publish import publish_telemetry
+from lab.publish import publish_telemetry, telemetry
 from lab.waits import wait_rows
 
 
@@ -201,6 +202,20 @@ def test_rabbitmq_310_auto_speaks_311_an_explicit_5_exits_78_and_check_names_the
         publish_telemetry(rmq.port, 30, devices=3)
         wait_rows(sqlite_db, 30)
         assert d.log().count("speaking MQTT 3.1.1 for the life of this process") == 1
+        # the tenant's publisher under "auto" finds the same on its own connection (no probe)
+        from mqttd.config import BrokerConfig
+        from mqttd.mqtt import negotiate
+        from mqttd.publisher import Publisher
+
+        negotiate._PUBLISHER_PROTOCOL.clear()
+        pub = Publisher(BrokerConfig(host="127.0.0.1", port=rmq.port, reconnect_min=0.1, reconnect_max=1.0),
+                        project="bnp", timeout=30)
+        pub.publish_many((f"ble/dev-{i % 3}/telemetry", json.dumps(telemetry(100 + i))) for i in range(20))
+        conn = pub._connection()
+        assert not conn.v5 and pub.connects == 1 and conn.client_id == pub.client_id
+        assert "closed the connection before any CONNACK" in (conn.negotiation.reason or "")
+        pub.close()
+        wait_rows(sqlite_db, 50)
         assert d.stop() == 0
         # and check reports the broker as it is: 3.1.1, the window of mqtt.prefetch, the caveat
         r = host.mqttd("check", "--project", "bnp", "--config", str(cfg), db=sqlite_db)

@@ -6,6 +6,7 @@ these tests run a real Celery prefork worker, real forks, real threads and a rea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -455,7 +456,7 @@ def test_every_qos1_message_carries_a_publisher_id_and_consecutive_sequence_numb
 
 
 def test_under_protocol_auto_the_publisher_stamps_where_the_broker_speaks_5_and_still_publishes_where_not(
-        mq, collect, tmp_path):
+        mq, collect, tmp_path, caplog):
     from support import aedes
 
     from mqttd.mqtt import negotiate
@@ -471,7 +472,9 @@ def test_under_protocol_auto_the_publisher_stamps_where_the_broker_speaks_5_and_
     with sub._lock:
         assert len(sub.stamps) == 21 and {s[0] for s in sub.stamps if s} == {pub.pub_id}
         assert sorted(int(s[1]) for s in sub.stamps if s) == list(range(1, 22))
-    assert connections(mq, pub.client_id) == [pub.client_id], "the probe used a client id of its own"
+    # ... over one connection: no probe, no second client id (SPEC 5.4: one connection per process)
+    assert "mqttd-probe" not in mq.log()
+    assert connections(mq, "autoproto-") == [pub.client_id] and pub.connects == 1
     pub.close()
     # Given a broker that speaks only 3.1.1 (aedes): publishing works, unstamped, no refusal loop
     why = aedes.available()
@@ -487,8 +490,13 @@ def test_under_protocol_auto_the_publisher_stamps_where_the_broker_speaks_5_and_
         c.loop_start()
         time.sleep(0.3)
         pub311 = Publisher(broker_cfg(old.port), project="autoproto", timeout=10)
-        pub311.publish(topic, "over 3.1.1")
-        assert not pub311._connection().v5 and pub311.connects == 1
+        with caplog.at_level(logging.INFO, logger="mqttd.publisher"):
+            pub311.publish(topic, "over 3.1.1")
+        conn = pub311._connection()
+        assert not conn.v5 and pub311.connects == 1
+        assert conn.negotiation.reason == "CONNACK: Unsupported protocol version"
+        said = [r.getMessage() for r in caplog.records if "refused MQTT 5" in r.getMessage()]
+        assert len(said) == 1 and pub311.client_id in said[0], said
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -26,7 +26,7 @@ def wire_protocol(broker: BrokerConfig, protocol: str | None = None) -> str:
     """The protocol a client built for ``broker`` speaks: ``protocol`` (what a negotiation chose,
     ``mqttd.mqtt.negotiate``) or the configured one; "auto" un-negotiated is "3.1.1", which every
     broker speaks (the daemon and the publisher negotiate before they use it: ``Negotiation``,
-    ``publisher_protocol``)."""
+    ``publisher_negotiation``)."""
     chosen = protocol or broker.protocol
     return "3.1.1" if chosen == "auto" else chosen
 

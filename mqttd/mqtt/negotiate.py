@@ -17,8 +17,6 @@ credentials: a broker that accepted 5 once and refuses it later is retried with 
 """
 from __future__ import annotations
 
-import logging
-import secrets
 import ssl
 import threading
 import time
@@ -28,8 +26,6 @@ from paho.mqtt.enums import MQTTErrorCode
 from mqttd.config import BrokerConfig
 from mqttd.errors import ConfigError
 from mqttd.mqtt.client import UNSUPPORTED_PROTOCOL, new_client
-
-log = logging.getLogger("mqttd.negotiate")
 
 V5, V311 = "5", "3.1.1"
 EARLY_CLOSE_S = 5.0      # a close this soon after CONNECT, without a CONNACK, may be a refusal of 5
@@ -139,7 +135,7 @@ def speaks_311(broker: BrokerConfig, client_id: str, timeout: float = 5.0) -> bo
 def refusal_of_5(broker: BrokerConfig, client_id: str, timeout: float) -> tuple[str | None, str]:
     """Why the broker refuses MQTT 5, when it does and accepts 3.1.1 instead (else None), and the
     outcome of the MQTT 5 attempt ("ok", "refused", "closed", "error"). Two throwaway CONNECTs at
-    most; used where the answer must come before the real connection (``check``, the publisher)."""
+    most; used where the answer must come before the real connection (``mqttd check``)."""
     outcome, code, _ = attempt(broker, client_id, V5, timeout)
     if outcome == "ok" or outcome == "error" or (outcome == "refused" and code not in UNSUPPORTED_PROTOCOL):
         return None, outcome
@@ -150,37 +146,25 @@ def refusal_of_5(broker: BrokerConfig, client_id: str, timeout: float) -> tuple[
     return why, outcome
 
 
+# What the publishers of this process settled per broker (host, port): a forked child inherits it.
 _PUBLISHER_PROTOCOL: dict[tuple[str, int], str] = {}
 _PUBLISHER_LOCK = threading.Lock()
 
 
-def publisher_protocol(broker: BrokerConfig, client_id: str, timeout: float = 5.0) -> str:
-    """What a publisher speaks: the configured version, and under "auto" MQTT 5 where the broker
-    accepts it (so that its messages carry the gap-detection stamp), else 3.1.1.
+def publisher_negotiation(broker: BrokerConfig) -> Negotiation:
+    """The negotiation of a publisher's connection: what an earlier connection of this process
+    settled for this broker, else the configured protocol ("auto": MQTT 5 first, settled at the
+    connection's own first CONNACK; ``mqttd.mqtt.outbound``)."""
+    neg = Negotiation(broker.protocol)
+    if neg.configured == "auto":
+        with _PUBLISHER_LOCK:
+            known = _PUBLISHER_PROTOCOL.get((broker.host, broker.port))
+        if known is not None:
+            neg.protocol, neg.settled = known, True
+    return neg
 
-    The publisher's connection cannot change its version once made, so "auto" is settled before it
-    connects: one throwaway MQTT 5 CONNECT (its own client id, clean start: no session is touched), remembered per
-    broker for the life of the process (a forked child inherits it). A broker that refuses 5 in
-    its CONNACK, or closes before any CONNACK while it accepts a 3.1.1 CONNECT, gets 3.1.1. A
-    broker that cannot be reached decides nothing: this connection speaks 3.1.1 (every broker
-    does; its messages are not stamped) and the next one asks again."""
-    if broker.protocol != "auto":
-        return broker.protocol
-    key = (broker.host, broker.port)
+
+def remember_publisher_protocol(broker: BrokerConfig, protocol: str) -> None:
+    """A publisher's "auto" settled on ``protocol``: later connections of this process start there."""
     with _PUBLISHER_LOCK:
-        known = _PUBLISHER_PROTOCOL.get(key)
-    if known is not None:
-        return known
-    # The probe's own client id: the publisher's connection stays the only one under its id.
-    why, outcome = refusal_of_5(broker, f"mqttd-probe-{secrets.token_hex(6)}", timeout)
-    if why is None and outcome != "ok":     # unreachable, or refusing everything just now
-        log.info("publisher %s: cannot reach %s:%s to choose MQTT 5 or 3.1.1 (protocol = \"auto\"): this "
-                 "connection speaks 3.1.1, without the gap-detection stamp", client_id, broker.host, broker.port)
-        return V311
-    chosen = V311 if why else V5
-    if why:
-        log.info("publisher %s: the broker at %s:%s refuses MQTT 5: publishing over 3.1.1, without the "
-                 "gap-detection stamp (protocol = \"auto\")", client_id, broker.host, broker.port)
-    with _PUBLISHER_LOCK:
-        _PUBLISHER_PROTOCOL[key] = chosen
-    return chosen
+        _PUBLISHER_PROTOCOL[(broker.host, broker.port)] = protocol

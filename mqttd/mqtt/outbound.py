@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -30,9 +31,17 @@ import paho.mqtt.client as paho
 
 from mqttd.config import BrokerConfig
 from mqttd.mqtt import outfast, pahofast
-from mqttd.mqtt.client import new_client
+from mqttd.mqtt.client import UNSUPPORTED_PROTOCOL, new_client
 from mqttd.mqtt.confirm import Confirm
-from mqttd.mqtt.negotiate import publisher_protocol
+from mqttd.mqtt.negotiate import (
+    BACK_TO_5,
+    CONFIRM_311,
+    EARLY_CLOSE_S,
+    REFUSED,
+    TRY_311,
+    publisher_negotiation,
+    remember_publisher_protocol,
+)
 from mqttd.mqtt.ownwrites import OWN_WRITES
 from mqttd.mqtt.pipeline import Pipeline, refusal
 
@@ -52,9 +61,9 @@ class Outbound(Pipeline):
     def __init__(self, broker: BrokerConfig, client_id: str, *, window: int = DEFAULT_WINDOW,
                  max_queued: int = MAX_QUEUED) -> None:
         self.broker, self.client_id, self.pid = broker, client_id, os.getpid()
-        # "auto": MQTT 5 where the broker has it (the gap-detection stamp), settled before connecting
-        self.protocol = publisher_protocol(broker, client_id)
-        self.v5 = self.protocol == "5"
+        # "auto": MQTT 5 first, so that the messages carry the gap-detection stamp; 3.1.1 if this
+        # connection's own CONNECT is refused for it (no probe: one connection per process, §5.4)
+        self.negotiation = publisher_negotiation(broker)
         # ``mqttd-pub``: never reused, even when the OS reuses this PID (gap detection: docs/operations.md).
         self.pub_id = f"{client_id}-{secrets.token_hex(4)}"
         self.window, self.max_queued = window, max_queued
@@ -72,12 +81,24 @@ class Outbound(Pipeline):
         self._in_flight = 0                        # QoS > 0 in _pending
         self.settled_count = 0                     # messages done so far: progress, for publish_many
         self._seq = 0
-        c = new_client(broker, client_id, persistent=False, protocol=self.protocol)
+        self._attempt_at = 0.0                     # monotonic: the current connect attempt began
+        self._connack_seen = False                 # ... and got a CONNACK (either answer)
+        self._switch = False                       # rebuild for the other protocol once closed
+        self._build()
+
+    def _build(self) -> None:
+        """A paho client speaking the negotiated protocol, with our hooks, connecting in the
+        background. Rebuilt (same client id) only when "auto" learns that the broker refuses 5:
+        nothing has been sent then, the messages wait in our backlog."""
+        broker, self.protocol = self.broker, self.negotiation.protocol
+        self.v5 = self.protocol == "5"
+        c = new_client(broker, self.client_id, persistent=False, protocol=self.protocol)
         c.reconnect_delay_set(broker.reconnect_min, broker.reconnect_max)  # type: ignore[arg-type]
         c.max_inflight_messages_set(0)      # 0 = paho sends at once and never rescans: our window governs
         c.suppress_exceptions = True        # a callback bug must not kill the network thread (§4)
         # No on_log: paho formats a debug line per packet for it; our callbacks log their own errors.
         c.on_connect, c.on_disconnect, c.on_connect_fail = self._on_connect, self._on_disconnect, self._on_fail
+        c.on_pre_connect = self._on_pre_connect
         c.on_publish = self._on_publish
         if self.v5:
             pahofast.apply()                # paho builds a Properties per PUBACK: share its tables
@@ -124,12 +145,25 @@ class Outbound(Pipeline):
         with outfast.no_wakeups(client):
             self._pump()
 
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        self._attempt_at, self._connack_seen = time.monotonic(), False
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if client is not self.client:
+            return                          # a client given up for another protocol
+        self._connack_seen = True
         try:
             if rc.is_failure:
                 self.last_error = f"broker refused the connection: {rc}"
-                log.error("publisher %s: %s", self.client_id, self.last_error)
+                if not self._negotiate(unsupported=self.v5 and rc.value in UNSUPPORTED_PROTOCOL):
+                    log.error("publisher %s: %s", self.client_id, self.last_error)
                 return
+            if self.negotiation.connected():
+                log.info("publisher %s: the broker at %s refused MQTT 5 (%s): publishing over MQTT 3.1.1 for the "
+                         'life of this process, without the gap-detection stamp (protocol = "auto")',
+                         self.client_id, self.where, self.negotiation.reason)
+            if self.negotiation.configured == "auto":
+                remember_publisher_protocol(self.broker, self.protocol)
             receive_max = getattr(props, "ReceiveMaximum", None) if self.v5 else None
             self.limit = min(self.window, receive_max or self.window)
             self.connects += 1
@@ -137,12 +171,14 @@ class Outbound(Pipeline):
             if self.own_writes:
                 self._resend_own()          # ours in flight on the lost connection: first again
             self.connected.set()
-            log.info("publisher %s connected to %s", self.client_id, self.where)
+            log.info("publisher %s connected to %s (MQTT %s)", self.client_id, self.where, self.protocol)
             self._pump()
         except Exception:  # noqa: BLE001
             log.exception("publisher %s: on_connect failed", self.client_id)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if client is not self.client:
+            return
         was = self.connected.is_set()
         self.connected.clear()
         # A QoS 0 message not written yet is dropped with the connection (paho empties its packet
@@ -151,13 +187,53 @@ class Outbound(Pipeline):
             lost = [mid for mid, c in self._pending.items() if c.qos == 0]
             for mid in lost:
                 self._pending.pop(mid)._finish("connection lost before it was written (QoS 0 is not resent)")
-        if not self.closing:
+        if self.closing:
+            return
+        if was:
             self.last_error = f"disconnected: {rc}"
-            if was:
-                log.warning("publisher %s lost its connection to %s: %s (reconnecting)", self.client_id, self.where, rc)
+            log.warning("publisher %s lost its connection to %s: %s (reconnecting)", self.client_id, self.where, rc)
+        elif not self._connack_seen and self._attempt_at:
+            # Closed before any CONNACK: how RabbitMQ before 3.13 refuses MQTT 5 (or a restart).
+            self.last_error = f"the broker at {self.where} closed the connection before any CONNACK"
+            self._negotiate(closed_early=time.monotonic() - self._attempt_at < EARLY_CLOSE_S)
+        self._switch_if_asked(client)
+
+    def _switch_if_asked(self, client: paho.Client) -> None:
+        """Give ``client`` up for one speaking the other protocol, same client id, if the
+        negotiation asked for it. Called from the client's own network thread once its socket is
+        closed (the broker never sees the two at once); paho's loop ends after this callback.
+        Nothing was sent: the messages wait in our backlog."""
+        if not self._switch or self.closing:
+            return
+        self._switch = False
+        client.on_connect = client.on_disconnect = client.on_pre_connect = client.on_connect_fail = None
+        client.disconnect()
+        self._build()
+
+    def _negotiate(self, *, unsupported: bool = False, closed_early: bool = False) -> bool:
+        """A connect attempt failed before a successful CONNACK: what the negotiation makes of it.
+        True if it changed course: the client is to be rebuilt for the other protocol when its
+        connection has closed (``_switch``), or the failure is a configuration error (``last_error``)."""
+        neg = self.negotiation
+        action = neg.failed(unsupported=unsupported, closed_early=closed_early, ever_connected=self.connects > 0)
+        if action in (TRY_311, BACK_TO_5):
+            self._switch = True
+            return True
+        if action in (REFUSED, CONFIRM_311):
+            said, self.last_error = self.last_error, str(neg.refusal(self.broker))
+            if said != self.last_error:         # once, not once per reconnect attempt
+                log.error("publisher %s: %s", self.client_id, self.last_error)
+            return True
+        return False
 
     def _on_fail(self, client: paho.Client, userdata: Any) -> None:
+        if client is not self.client:
+            return
         self.last_error = f"cannot connect to {self.where}"
+        # Nothing listening: no word on MQTT 5 either way. A 3.1.1 attempt that "auto" was trying
+        # goes back to 5 (as in the daemon's session), so a restart is never taken for a refusal.
+        self._negotiate()
+        self._switch_if_asked(client)
 
     # ---- ending ------------------------------------------------------------------------------------
     def close(self, timeout: float = 2.0) -> None:
