@@ -23,7 +23,7 @@ from typing import Any
 
 from mqttd import __version__
 from mqttd.config import Config
-from mqttd.daemon import logs, status
+from mqttd.daemon import heap, logs, status
 from mqttd.daemon.lock import ProjectLock, ensure_dir
 from mqttd.daemon.schema import Status, snapshot
 from mqttd.daemon.watchdog import Watchdog
@@ -151,6 +151,7 @@ class Daemon:
         self.install_signals()
         log.info("mqttd %s starting: project %s, client id %s, routes: %s", __version__, self.identity.name,
                  self.client_id, "; ".join(self.router.describe()))
+        heap.settle()                          # start-up is done: see mqttd.daemon.heap
         self.dispatcher.start()
         if self.gaps is not None:
             self.gaps.start(max(self.config.status.interval, 2.0))
