@@ -42,3 +42,15 @@ def test_fds_and_threads_stay_flat_across_reconnects(host, broker, sqlite_db, tm
     wait_until(lambda: len(os.listdir(f"/proc/{d.pid}/fd")) <= fds0, 10, "fds back to the start")
     assert _vm(d.pid, "Threads") == threads0
     assert d.stop() == 0
+
+
+def test_the_collector_is_set_for_a_long_running_daemon_once_start_up_is_done():
+    # mqttd.daemon.heap: start-up's objects frozen out of every collection, the young generation's
+    # threshold raised (the defaults cost the batch route 10-12 us a message in full collections).
+    import subprocess
+    import sys
+
+    code = ("import gc; from mqttd.daemon import heap; before = gc.get_threshold(); heap.settle(); "
+            "print(gc.get_freeze_count() > 0, before[1:] == gc.get_threshold()[1:], gc.get_threshold()[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "50000"]
