@@ -503,6 +503,15 @@ def test_under_protocol_auto_the_publisher_stamps_where_the_broker_speaks_5_and_
         assert got == [b"over 3.1.1"]
         assert negotiate._PUBLISHER_PROTOCOL[("127.0.0.1", old.port)] == "3.1.1"
         pub311.close()
+        # An explicit "5" there is a configuration error: the publish says so, the log once
+        caplog.clear()
+        pub5 = Publisher(broker_cfg(old.port, protocol="5"), project="fiveproto", timeout=3)
+        with caplog.at_level(logging.INFO, logger="mqttd.publisher"), pytest.raises(PublishError) as refused:
+            pub5.publish(topic, "never")
+        assert 'refuses MQTT 5' in str(refused.value) and 'protocol = "5"' in str(refused.value), refused.value
+        said = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(said) == 1 and pub5.connects == 0, [r.getMessage() for r in caplog.records]
+        pub5.close()
         c.loop_stop()
         c.disconnect()
     finally:

@@ -84,6 +84,7 @@ class Outbound(Pipeline):
         self._attempt_at = 0.0                     # monotonic: the current connect attempt began
         self._connack_seen = False                 # ... and got a CONNACK (either answer)
         self._switch = False                       # rebuild for the other protocol once closed
+        self._refusal_said = False                 # an explicit "5" refused: logged once
         self._build()
 
     def _build(self) -> None:
@@ -220,8 +221,9 @@ class Outbound(Pipeline):
             self._switch = True
             return True
         if action in (REFUSED, CONFIRM_311):
-            said, self.last_error = self.last_error, str(neg.refusal(self.broker))
-            if said != self.last_error:         # once, not once per reconnect attempt
+            self.last_error = str(neg.refusal(self.broker))     # what a failing publish says
+            if not self._refusal_said:          # once, not once per reconnect attempt
+                self._refusal_said = True
                 log.error("publisher %s: %s", self.client_id, self.last_error)
             return True
         return False
