@@ -11,6 +11,7 @@
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
@@ -214,7 +215,14 @@ def test_rabbitmq_310_auto_speaks_311_an_explicit_5_exits_78_and_check_names_the
         conn = pub._connection()
         assert not conn.v5 and pub.connects == 1 and conn.client_id == pub.client_id
         assert "closed the connection before any CONNACK" in (conn.negotiation.reason or "")
+        # ... and the MQTT 5 client it gave up is gone, not reconnecting under the same id (it was)
+        def threads() -> list[str]:
+            return [t.name for t in threading.enumerate() if t.name == f"paho-mqtt-client-{pub.client_id}"]
+
+        time.sleep(2.5)
+        assert len(threads()) == 1 and pub.connects == 1, threads()
         pub.close()
+        assert threads() == []
         wait_rows(sqlite_db, 50)
         assert d.stop() == 0
         # and check reports the broker as it is: 3.1.1, the window of mqtt.prefetch, the caveat

@@ -85,6 +85,9 @@ class Outbound(Pipeline):
         self._connack_seen = False                 # ... and got a CONNACK (either answer)
         self._switch = False                       # rebuild for the other protocol once closed
         self._refusal_said = False                 # an explicit "5" refused: logged once
+        self._switches = 0                         # clients given up so far (each next one waits longer)
+        self._switch_lock = threading.Lock()       # a switch and close() never interleave
+        self._closed = threading.Event()           # set by close(): ends a switch's wait
         self._build()
 
     def _build(self) -> None:
@@ -150,8 +153,8 @@ class Outbound(Pipeline):
         self._attempt_at, self._connack_seen = time.monotonic(), False
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if client is not self.client:
-            return                          # a client given up for another protocol
+        if client is not self.client or self.closing:
+            return                          # a client given up for another protocol, or closed
         self._connack_seen = True
         try:
             if rc.is_failure:
@@ -209,7 +212,21 @@ class Outbound(Pipeline):
         self._switch = False
         client.on_connect = client.on_disconnect = client.on_pre_connect = client.on_connect_fail = None
         client.disconnect()
-        self._build()
+        # From the client's own thread loop_stop() only marks the thread to end, which is needed:
+        # after a close before any CONNACK paho sets the state to "connection lost" once this
+        # callback returns, and would reconnect this client under the same id for ever.
+        client.loop_stop()
+        # Each new paho client starts its backoff afresh: wait here as a reconnect would, so that a
+        # listener closing every connection gets no storm of clients (the first switch, a refusal
+        # of 5 in a CONNACK, goes at once). This thread stays alive meanwhile (``alive()``).
+        b = self.broker
+        delay = 0.0 if not self._switches else min(b.reconnect_max, b.reconnect_min * 2 ** (self._switches - 1))
+        self._switches += 1
+        if delay and self._closed.wait(delay):
+            return
+        with self._switch_lock:
+            if not self.closing:
+                self._build()
 
     def _negotiate(self, *, unsupported: bool = False, closed_early: bool = False) -> bool:
         """A connect attempt failed before a successful CONNACK: what the negotiation makes of it.
@@ -241,13 +258,16 @@ class Outbound(Pipeline):
     def close(self, timeout: float = 2.0) -> None:
         """Orderly DISCONNECT; only ever called in the process that owns the connection. Messages
         not confirmed by then fail with "publisher closed"."""
-        self.closing = True
+        with self._switch_lock:             # no client is being built for a switch meanwhile
+            self.closing = True
+            self._closed.set()
+            client, thread = self.client, self.thread
         try:
-            self.client.disconnect()
+            client.disconnect()
         except Exception:  # noqa: BLE001 - closing: nothing left to report to
             pass
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         with self._lock:
             left = list(self._backlog) + list(self._pending.values())
             self._backlog.clear()
