@@ -172,17 +172,22 @@ def warnings(config: Config) -> list[str]:
     return out
 
 
-def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the file at ``path``; every failure is a ConfigError (exit 78)."""
-    env = os.environ if env is None else env
+def read_toml(path: Path, missing: str = "file not found") -> dict[str, Any]:
+    """The TOML document at ``path``; a missing, unreadable or invalid file is a ConfigError naming
+    it (``missing``: what to say when it does not exist). The daemon's file and the inventory."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError("file not found", file=str(path)) from None
+        raise ConfigError(missing, file=str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
-    return parse(data, str(path), env)
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file at ``path``; every failure is a ConfigError (exit 78)."""
+    env = os.environ if env is None else env
+    return parse(read_toml(path), str(path), env)

@@ -11,13 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 from lab.clusters import NatsCluster, RabbitCluster
 from lab.daemon import write_config
-from lab.publish import telemetry
+from lab.publish import publish_steadily
 from lab.waits import wait_rows, wait_until
-from paho.mqtt.enums import CallbackAPIVersion
 
 CI = bool(os.environ.get("MQTTD_CI") or os.environ.get("CI"))
 
@@ -27,26 +25,6 @@ def _hosts_config(path: Path, hosts: list[str]) -> Path:
     cfg.write_text(cfg.read_text().replace('host = "127.0.0.1"\nport = 1\n',
                                            "hosts = [" + ", ".join(f'"{h}"' for h in hosts) + "]\n"))
     return cfg
-
-
-def _publish_steadily(port: int, n: int, rate: float, acked: list[int]) -> None:
-    """n QoS 1 messages at ``rate``/s through one node; ``acked`` counts PUBACKs."""
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-    c.max_inflight_messages_set(200)
-    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
-    c.connect("127.0.0.1", port, 30)
-    c.loop_start()
-    try:
-        t0 = time.monotonic()
-        for i in range(n):
-            c.publish(f"ble/dev-{i % 3}/telemetry", str(telemetry(i)).replace("'", '"'), qos=1)
-            delay = t0 + (i + 1) / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        wait_until(lambda: acked[0] >= n, timeout=90, what="every publish confirmed")
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 @pytest.fixture(params=["nats", "rabbitmq"])
@@ -72,7 +50,8 @@ def test_killing_the_node_mqttd_is_on_moves_it_to_another_with_its_session_and_l
     # when 1,500 messages flow in at 150/s through a node mqttd is not on
     publisher_node = (cluster.hosts().index(d.status()["broker"]) + 2) % 3
     n, acked = 1500, [0]
-    pub = threading.Thread(target=_publish_steadily, args=(cluster.mqtt_ports[publisher_node], n, 150, acked))
+    pub = threading.Thread(target=publish_steadily, args=(cluster.mqtt_ports[publisher_node], range(n), 150, acked),
+                           kwargs={"devices": 3, "inflight": 200, "confirm_s": 90})
     t0 = time.monotonic()
     pub.start()
     wait_until(lambda: sqlite_db.scalar("select count(*) from sensors_reading") >= 300, timeout=60,

@@ -10,14 +10,12 @@ import os
 import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from lab import netns
 from lab.broker import Broker, free_port
 from lab.daemon import write_config
-from lab.publish import telemetry
-from lab.waits import wait_rows, wait_until
+from lab.publish import publish_steadily
+from lab.waits import wait_rows
 
 CI = bool(os.environ.get("MQTTD_CI") or os.environ.get("CI"))
 PROJECT = "part"
@@ -32,25 +30,6 @@ def net(tmp_path):
         pytest.skip(why)
     with netns.Net(tmp_path / "hosts", 3) as n:
         yield n
-
-
-def _publish(port: int, seqs: range, rate: float, acked: list[int]) -> None:
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-    c.max_inflight_messages_set(500)
-    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
-    c.connect("127.0.0.1", port, 30)
-    c.loop_start()
-    try:
-        t0 = time.monotonic()
-        for k, i in enumerate(seqs):
-            c.publish(f"ble/dev-{i % 5}/telemetry", str(telemetry(i)).replace("'", '"'), qos=1)
-            delay = t0 + (k + 1) / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        wait_until(lambda: acked[0] >= len(seqs), timeout=60, what="every publish confirmed")
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 def _by_host(daemons) -> dict[str, int]:  # noqa: ANN001
@@ -81,7 +60,8 @@ def test_a_cut_link_and_a_slow_lossy_link_lose_nothing_and_a_dead_members_share_
         slow.lose(1)
         # when 3,000 messages flow at 60/s and host 2's link is cut for 30 s, 10 s in
         n, acked = 3000, [0]
-        pub = threading.Thread(target=_publish, args=(broker.port, range(n), 60, acked))
+        pub = threading.Thread(target=publish_steadily, args=(broker.port, range(n), 60, acked),
+                               kwargs={"devices": 5, "inflight": 500, "confirm_s": 60})
         t0 = time.monotonic()
         pub.start()
         time.sleep(10)
@@ -105,7 +85,7 @@ def test_a_cut_link_and_a_slow_lossy_link_lose_nothing_and_a_dead_members_share_
         daemons[2].kill()
         cut.cut()
         acked = [0]
-        _publish(broker.port, range(n, n + 600), 100, acked)
+        publish_steadily(broker.port, range(n, n + 600), 100, acked, devices=5, inflight=500, confirm_s=60)
         # then the two live hosts store their shares; the dead member's share waits in its
         # session at the broker (Mosquitto does not reassign it): delayed, not lost
         time.sleep(5)

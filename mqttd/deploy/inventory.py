@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,14 +270,4 @@ def parse(data: Mapping[str, Any], file: Path) -> Inventory:
 def load_inventory(path: str | Path) -> Inventory:
     """Read and validate the inventory at ``path``; errors name the file, project and key."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("inventory file not found", file=str(file)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from None
-    return parse(data, file)
+    return parse(config_mod.read_toml(file, missing="inventory file not found"), file)

@@ -17,6 +17,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_process(proc: subprocess.Popen, sig: int, grace: float, group: bool = False) -> None:
+    """Send ``sig`` to a process we started (its process group with ``group``), wait ``grace``
+    seconds, then SIGKILL it: a broker that ignores SIGTERM must not hang a test."""
+    send = os.killpg if group else os.kill
+    send(proc.pid, sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        send(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def wait_port(port: int, timeout: float = 10.0, up: bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -54,6 +54,31 @@ def publish_telemetry(port: int, n: int, devices: int = 2, topic: str = "ble/dev
     pub.close()
 
 
+def publish_steadily(port: int, seqs: range, rate: float, acked: list[int], devices: int, inflight: int,
+                     confirm_s: float) -> None:
+    """QoS 1 telemetry ``seqs`` at ``rate``/s over ``devices`` topics through one broker (or node),
+    then wait up to ``confirm_s`` for every PUBACK; ``acked[0]`` counts them as they come (the
+    fault tests read it while this runs in a thread)."""
+    from lab.waits import wait_until
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    c.max_inflight_messages_set(inflight)
+    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
+    c.connect("127.0.0.1", port, 30)
+    c.loop_start()
+    try:
+        t0 = time.monotonic()
+        for k, i in enumerate(seqs):
+            c.publish(f"ble/dev-{i % devices}/telemetry", json.dumps(telemetry(i)), qos=1)
+            delay = t0 + (k + 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        wait_until(lambda: acked[0] >= len(seqs), timeout=confirm_s, what="every publish confirmed")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 def ble_payload(seq: int, devices: int = 50) -> bytes:
     """The benchmark's ~100-byte BLE telemetry JSON (docs/benchmarks.md)."""
     dev = f"ble-{seq % devices + 1:04d}"

@@ -14,7 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from lab.broker import free_port, wait_port
+from lab.broker import end_process, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / ".node"
@@ -74,12 +74,7 @@ class AedesBroker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM closes the LevelDB store cleanly; SIGKILL is a crash."""
         if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            end_process(self.proc, sig, 15)
         self.proc = None
         wait_port(self.port, up=False)
 

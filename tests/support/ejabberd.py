@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab.broker import free_port, wait_port
+from lab.broker import end_process, free_port, wait_port
 
 LIBS = "/usr/lib/x86_64-linux-gnu"
 
@@ -78,12 +78,7 @@ class EjabberdBroker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: the Erlang VM shuts ejabberd down in order (mnesia flushed); SIGKILL: a crash."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            end_process(self.proc, sig, 30, group=True)
         self.proc = None
         wait_port(self.port, up=False)
 
